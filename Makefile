@@ -1,0 +1,41 @@
+# Self-documenting: `make` or `make help` lists the targets with their descriptions.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed-stamp
+
+# Nothing here may reach the model hub or a logging service by default.
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= disabled
+
+.DEFAULT_GOAL := help
+.PHONY: help install test demo data-demo lock clean-results
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## Create .venv and install the pinned dependencies (skips when up to date)
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet -r requirements.lock
+	$(PIP) install --quiet --no-deps -e .
+	@touch $@
+
+test: install ## Run the test suite (offline)
+	$(PY) -m pytest -q tests
+
+data-demo: install ## Generate the offline demo suite under data/demo
+	$(VENV)/bin/san-prepare demo --out data/demo
+
+demo: data-demo ## Run the main job on the offline demo suite with EfficientNet-Lite0 and print the table
+	$(PY) -m san.demo
+
+lock: ## Rewrite requirements.lock from the current .venv
+	@{ head -2 requirements.lock; $(PIP) freeze --exclude-editable | grep -v '^-e'; } > requirements.lock.new
+	@mv requirements.lock.new requirements.lock
+
+clean-results: ## Delete results/runs (records and checkpoints)
+	rm -rf results/runs results/hydra

@@ -1,0 +1,1 @@
+"""The method interface and registry shared by SAN and the baselines."""

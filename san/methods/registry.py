@@ -1,0 +1,56 @@
+"""Name -> (config dataclass, model-level class) registry, filled on import."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from torch import nn
+
+from san.methods.base import MethodConfig, PeftModel
+
+_METHODS: dict[str, type[PeftModel]] = {}
+
+
+class UnknownMethodError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def register_method(name: str, model_class: type[PeftModel]) -> type[PeftModel]:
+    if name in _METHODS and _METHODS[name] is not model_class:
+        raise ValueError(f"method {name!r} is registered twice ({_METHODS[name].__name__} and {model_class.__name__})")
+    model_class.method_name = name
+    _METHODS[name] = model_class
+    return model_class
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[PeftModel]:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown method {name!r}; accepted: {', '.join(available_methods())}"
+        ) from None
+
+
+def method_config(name: str, settings: Mapping[str, Any]) -> MethodConfig:
+    """Build the method's config dataclass; unknown fields are an error naming the accepted ones."""
+    config_class = method_class(name).config_class
+    accepted = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(settings) - accepted)
+    if unknown:
+        raise ValueError(
+            f"method {name!r} has no setting(s) {unknown}; accepted: {sorted(accepted)}"
+        )
+    return config_class(**dict(settings))
+
+
+def build_method(name: str, model: nn.Module, settings: Mapping[str, Any] | None = None) -> PeftModel:
+    """Adapt `model` (a timm model, modified in place) with the named method."""
+    config = method_config(name, settings or {})
+    return method_class(name)(model, config)

@@ -1,0 +1,149 @@
+"""`run(cfg)`: one training run from a composed config to a result record.
+
+The Hydra entry point (`san-train`) is a thin shell around this function, and tests call
+it directly with configs from `hydra.compose`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import san  # noqa: F401  (registers every method)
+from san.backbones import create_backbone, data_config
+from san.data.loaders import build_loader
+from san.methods.registry import build_method
+from san.provenance import device_description, environment
+from san.records import SCHEMA_VERSION, read_record, write_record
+from san.trainer import Trainer, peak_memory_bytes
+
+# Settings that change where files are or how progress is shown, never the result.
+_NOT_IDENTITY = {("dataset", "root"), ("trainer", "num_workers"), ("trainer", "progress"),
+                 ("trainer", "keep_checkpoint"), ("trainer", "resume")}
+_IDENTITY_GROUPS = ("backbone", "method", "dataset", "protocol", "trainer", "optim")
+
+
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    return container
+
+
+def identity(config: dict[str, Any]) -> str:
+    """Hash of everything that determines the result except the seed."""
+    subset = {group: {k: v for k, v in config[group].items() if (group, k) not in _NOT_IDENTITY}
+              for group in _IDENTITY_GROUPS}
+    return hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_dir_for(config: dict[str, Any]) -> Path:
+    """Derived from the configuration, so a re-run finds its own earlier result."""
+    return (Path(config["paths"]["runs_dir"]) / config["dataset"]["suite"] / config["dataset"]["name"]
+            / config["backbone"]["name"] / config["method"]["name"] / config["protocol"]["stage"]
+            / identity(config) / f"seed{config['seed']}")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _method_settings(method_cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in method_cfg.items() if k != "name"}
+
+
+def run(cfg: DictConfig) -> Path:
+    """Train and evaluate one configuration; return the path of its record."""
+    config = resolved(cfg)
+    run_dir = run_dir_for(config)
+    record_path = run_dir / "record.json"
+    if record_path.is_file() and not config["overwrite"]:
+        previous = read_record(record_path)
+        if previous.get("status") == "complete":
+            print(f"already complete, skipping (overwrite=true to redo): {record_path}", flush=True)
+            return record_path
+
+    protocol, dataset = config["protocol"], config["dataset"]
+    record: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "status": "running",
+        "stage": protocol["stage"],
+        "suite": dataset["suite"],
+        "task": dataset["name"],
+        "group": dataset.get("group"),
+        "backbone": {"name": config["backbone"]["name"], "timm_name": config["backbone"]["timm_name"]},
+        "method": {"name": config["method"]["name"], "settings": _method_settings(config["method"])},
+        "seed": config["seed"],
+        "identity": identity(config),
+        "splits": {"fit": protocol["fit"], "evaluate": protocol["evaluate"]},
+        "env": environment(),
+        "config": config,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_record(run_dir, record)
+    started = time.perf_counter()
+    try:
+        seed_everything(config["seed"], config["trainer"]["deterministic"])
+        model, weights = create_backbone(config["backbone"], dataset["num_classes"])
+        record["backbone"].update(pretrained=weights.source != "random_init", weights=weights.to_dict())
+        peft = build_method(config["method"]["name"], model, _method_settings(config["method"]))
+        record["method"]["config"] = peft.config.to_dict()
+        record["params"] = peft.parameter_counts()
+        preprocessing = data_config(model, config["backbone"]["input_size"])
+        record["preprocessing"] = preprocessing.to_dict()
+
+        trainer_cfg = config["trainer"]
+        fit_loader = build_loader(dataset, protocol["fit"], preprocessing, train=True,
+                                  batch_size=trainer_cfg["batch_size"], num_workers=trainer_cfg["num_workers"])
+        eval_loader = build_loader(dataset, protocol["evaluate"], preprocessing, train=False,
+                                   batch_size=trainer_cfg["eval_batch_size"], num_workers=trainer_cfg["num_workers"])
+        record["splits"].update(fit_images=len(fit_loader.dataset), evaluate_images=len(eval_loader.dataset))
+
+        trainer = Trainer(peft, preprocessing, trainer_cfg, config["optim"], config["seed"], run_dir,
+                          record["identity"])
+        record["env"] = {**record["env"], "device": device_description(trainer.device),
+                         "precision": str(trainer.autocast_dtype or "float32")}
+        outcome = trainer.fit(fit_loader, eval_loader, protocol["evaluate"])
+
+        metric = f"{protocol['evaluate']}_top1"
+        evaluated = [row for row in outcome.history if metric in row]
+        final = {key: value for key, value in evaluated[-1].items() if key.startswith(protocol["evaluate"])}
+        record["metrics"] = {"final": final, "per_epoch": outcome.history}
+        if protocol["evaluate"] == "test":
+            # Only for comparison with papers that kept the best test epoch; never the headline.
+            record["metrics"]["best_epoch_on_test_top1_not_for_reporting"] = max(r[metric] for r in evaluated)
+        peak, peak_kind = peak_memory_bytes(trainer.device)
+        record["cost"] = {
+            "wall_s": time.perf_counter() - started,
+            "train_s": outcome.train_seconds,
+            "peak_mem_bytes": peak,
+            "peak_mem_kind": peak_kind,
+            "train_images_per_s": outcome.train_images / outcome.train_seconds if outcome.train_seconds else None,
+            "eval_images_per_s": outcome.eval_images / outcome.eval_seconds if outcome.eval_seconds else None,
+            "resumed_from_epoch": outcome.resumed_from_epoch,
+        }
+        record["status"] = "complete"
+        record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        path = write_record(run_dir, record)
+        trainer.discard_checkpoint()
+        return path
+    except BaseException as error:
+        record["status"] = "failed"
+        record["error"] = {"type": type(error).__name__, "message": str(error),
+                           "traceback": traceback.format_exc()}
+        record["cost"] = {"wall_s": time.perf_counter() - started}
+        write_record(run_dir, record)
+        raise

@@ -1,0 +1,136 @@
+"""End to end: a few-step run writes a complete record; seeds reproduce; resume continues."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from san.cli.config import compose_config
+from san.run import run, run_dir_for, resolved
+from san.trainer import NonFiniteLossError, Trainer
+
+REQUIRED_KEYS = {"status", "stage", "backbone", "method", "suite", "task", "seed", "metrics", "params",
+                 "cost", "env", "config", "preprocessing"}
+
+
+@pytest.mark.parametrize("backbone", ["test_vit", "test_convnext"])
+@pytest.mark.parametrize("method", ["linear", "bitfit", "full"])
+def test_few_step_run_writes_complete_record(tmp_path, tiny_task, backbone, method):
+    path = run(compose_config(tiny_overrides(tmp_path, tiny_task, f"backbone={backbone}", f"method={method}")))
+    record = json.loads(path.read_text())
+    assert REQUIRED_KEYS <= set(record)
+    assert record["status"] == "complete" and record["stage"] == "tune"
+    assert record["backbone"]["pretrained"] is False
+    assert record["backbone"]["weights"]["source"] == "random_init"
+    assert len(record["backbone"]["weights"]["sha256"]) == 64
+    assert set(record["metrics"]["final"]) == {"val_top1", "val_loss"}
+    assert [row["epoch"] for row in record["metrics"]["per_epoch"]] == [1, 2]
+    assert 0 <= record["metrics"]["final"]["val_top1"] <= 100
+    params = record["params"]
+    assert params["trainable"] > params["trainable_without_head"] >= 0
+    assert (params["trainable_without_head"] == 0) == (method == "linear")
+    assert record["cost"]["wall_s"] > 0 and record["cost"]["peak_mem_bytes"] > 0
+    assert record["env"]["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert record["config"]["method"]["name"] == method
+    assert (path.parent / "metrics.csv").read_text().startswith("epoch,")
+    assert not (path.parent / "checkpoint.pt").exists()
+
+
+def test_learning_happens(tmp_path, tiny_task):
+    """The tiny task's label is its brightness band: a few epochs of full tuning learn it."""
+    path = run(compose_config(tiny_overrides(tmp_path, tiny_task, "method=full", "trainer.epochs=6")))
+    history = json.loads(path.read_text())["metrics"]["per_epoch"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_same_seed_same_metrics(tmp_path, tiny_task):
+    first = run(compose_config(tiny_overrides(tmp_path / "a", tiny_task, "method=bitfit")))
+    second = run(compose_config(tiny_overrides(tmp_path / "b", tiny_task, "method=bitfit")))
+    other_seed = run(compose_config(tiny_overrides(tmp_path / "c", tiny_task, "method=bitfit", "seed=1")))
+    metrics = [json.loads(p.read_text())["metrics"]["per_epoch"] for p in (first, second, other_seed)]
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]
+    assert strip(metrics[0]) == strip(metrics[1])
+    assert strip(metrics[0]) != strip(metrics[2])
+
+
+def test_complete_run_is_skipped_on_rerun(tmp_path, tiny_task, capsys):
+    cfg = compose_config(tiny_overrides(tmp_path, tiny_task))
+    path = run(cfg)
+    written = path.read_text()
+    assert run(cfg) == path
+    assert path.read_text() == written
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_resume_after_interruption_continues_from_checkpoint(tmp_path, tiny_task, monkeypatch):
+    extra = ("method=full", "trainer.epochs=3")
+    reference = json.loads(run(compose_config(tiny_overrides(tmp_path / "ref", tiny_task, *extra))).read_text())
+
+    cfg = compose_config(tiny_overrides(tmp_path / "int", tiny_task, *extra))
+    original_evaluate = Trainer.evaluate
+    calls = {"n": 0}
+
+    def dies_in_second_epoch(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return original_evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "evaluate", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    run_dir = run_dir_for(resolved(cfg))
+    interrupted = json.loads((run_dir / "record.json").read_text())
+    assert interrupted["status"] == "failed" and "simulated kill" in interrupted["error"]["message"]
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["epoch"] == 1
+
+    monkeypatch.setattr(Trainer, "evaluate", original_evaluate)
+    resumed = json.loads(run(cfg).read_text())
+    assert resumed["status"] == "complete"
+    assert resumed["cost"]["resumed_from_epoch"] == 1
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]
+    assert strip(resumed["metrics"]["per_epoch"]) == strip(reference["metrics"]["per_epoch"])
+
+
+def test_crash_leaves_failed_record(tmp_path, tiny_task):
+    cfg = compose_config(tiny_overrides(tmp_path, tiny_task, "dataset.num_classes=3"))
+    with pytest.raises(Exception, match="outside 0..2"):
+        run(cfg)
+    record = json.loads((run_dir_for(resolved(cfg)) / "record.json").read_text())
+    assert record["status"] == "failed"
+    assert record["error"]["type"] == "LabelRangeError"
+    assert "train800.txt:" in record["error"]["message"]
+
+
+def test_nan_loss_fails_clearly(tmp_path, tiny_task):
+    cfg = compose_config(tiny_overrides(tmp_path, tiny_task, "trainer.nan_check_every=1"))
+
+    from san.backbones import create_backbone
+    from san.methods.registry import build_method
+
+    model, _ = create_backbone(cfg.backbone, 4)
+    with torch.no_grad():
+        model.get_classifier().weight.fill_(float("nan"))
+    peft = build_method("linear", model)
+    from san.backbones import data_config
+    from san.data.loaders import build_loader
+
+    dataset = resolved(cfg)["dataset"]
+    loader = build_loader(dataset, "train", data_config(model, 32), train=True, batch_size=8, num_workers=0)
+    trainer = Trainer(peft, data_config(model, 32), resolved(cfg)["trainer"], resolved(cfg)["optim"], 0,
+                      tmp_path / "nan", "x")
+    with pytest.raises(NonFiniteLossError, match="epoch 1, step 1"):
+        trainer.fit(loader, loader, "val")
+
+
+def test_final_protocol_reports_test_and_keeps_best_epoch_apart(tmp_path, tiny_task):
+    record = json.loads(run(compose_config(tiny_overrides(tmp_path, tiny_task, "protocol=final"))).read_text())
+    assert record["stage"] == "final"
+    assert set(record["metrics"]["final"]) == {"test_top1", "test_loss"}
+    assert record["splits"]["fit_images"] == 40
+    best = record["metrics"]["best_epoch_on_test_top1_not_for_reporting"]
+    assert best == max(r["test_top1"] for r in record["metrics"]["per_epoch"])
