@@ -1,3 +1,3 @@
 """Baseline methods. Importing this package registers each of them."""
 
-from baselines import bitfit, full, linear  # noqa: F401
+from baselines import bitfit, full, linear, ssf  # noqa: F401

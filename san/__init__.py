@@ -13,6 +13,7 @@ __all__ = ["available_methods", "build_method", "register_method"]
 def _register_all() -> None:
     # Importing the modules runs their register_method calls; no central if/elif.
     import baselines  # noqa: F401
+    import san.methods.san  # noqa: F401
 
 
 _register_all()

@@ -1,0 +1,188 @@
+"""SAN (Synapse and Neuron; arXiv 2409.06706, ICML 2025).
+
+Per-feature scales ("neurons") as in SSF, and each source's scale propagated,
+parameter-free, into the input columns of the next weight ("synapses": W_next diag(s)).
+The paper's text leaves choices open, so both readings are configurations of one method:
+
+- `san` (reading A): SSF's scale and shift at SSF's positions, propagated along
+  norm1->qkv, norm2->fc1, fc1->fc2 (across the activation) and the V slice of qkv->proj.
+  Parameter count equals SSF's.
+- `san_early` (reading B, the authors' early ViT code): scale-only vectors initialised to
+  1 after patch_embed, qkv, proj, fc1, fc2; patch_embed's scale feeds every block's qkv,
+  proj's feeds fc1 across the residual; LayerNorm affines train directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from san.methods.anatomy import ALL_POSITIONS, BLOCK_POSITIONS, GLOBAL_POSITIONS, transformer_anatomy
+from san.methods.base import MethodConfig, PeftModel
+from san.methods.registry import register_method
+from san.methods.scaling import PropagatedLinear, ScaledOutput, fold_all, replace_module
+
+EDGE_PRESETS = {
+    "reading_a": ["norm1->qkv", "norm2->fc1", "fc1->fc2", "qkv.v->proj"],
+    "reading_b": ["patch_embed->qkv", "proj->fc1", "fc1->fc2"],
+    "none": [],
+}
+# source.part -> (start, stop) as fractions of the source width; qkv is [q | k | v].
+SLICES = {"v": (2, 3)}
+INFERENCE_MODES = ("both", "features_only", "weights_only")
+
+
+@dataclass
+class SANConfig(MethodConfig):
+    positions: list[str] = field(
+        default_factory=lambda: list(ALL_POSITIONS),
+        metadata={"help": f"Outputs that get a scale vector; any of {list(ALL_POSITIONS)}."})
+    shift: bool = field(default=True, metadata={"help": "Add a shift vector beside each scale (SSF's beta)."})
+    init_std: float = field(
+        default=0.02, metadata={"help": "Scales ~ N(1, std), shifts ~ N(0, std); 0 starts at the identity."})
+    edges: list[str] | str = field(
+        default="reading_a",
+        metadata={"help": f"Propagation edges 'source->target' (source may be 'qkv.v'), or a preset "
+                          f"name: {sorted(EDGE_PRESETS)}."})
+    qkv_to_proj: str = field(
+        default="v_slice",
+        metadata={"help": "How a qkv (3C) scale feeds proj (C): 'v_slice' (exact: attention commutes "
+                          "with per-channel scaling of V) or 'interpolate' (the early code's linear resize)."})
+    propagate_last_blocks: int | None = field(
+        default=None, metadata={"help": "Propagate only in the last k blocks (None: all)."})
+    recalibrate: bool = field(
+        default=False,
+        metadata={"help": "A learnable vector (init 1) multiplying each propagated scale; adds parameters."})
+    propagate_into_head: bool = field(
+        default=False, metadata={"help": "Also propagate the final norm's scale into the classifier."})
+    train_norm_affine: bool = field(
+        default=False, metadata={"help": "Train LayerNorm weights and biases directly (reading B)."})
+    inference_mode: str = field(
+        default="both",
+        metadata={"help": f"Evaluation-time ablation: {list(INFERENCE_MODES)} (features = neuron scaling, "
+                          "weights = propagated synapse scaling)."})
+
+    def __post_init__(self):
+        unknown = sorted(set(self.positions) - set(ALL_POSITIONS))
+        if unknown:
+            raise ValueError(f"unknown SAN positions {unknown}; accepted: {list(ALL_POSITIONS)}")
+        if isinstance(self.edges, str):
+            if self.edges not in EDGE_PRESETS:
+                raise ValueError(f"unknown edge preset {self.edges!r}; accepted: {sorted(EDGE_PRESETS)}")
+            self.edges = list(EDGE_PRESETS[self.edges])
+        for edge in self.edges:
+            source, _, target = edge.partition("->")
+            source_position, _, part = source.partition(".")
+            if source_position not in self.positions:
+                raise ValueError(f"edge {edge!r}: source {source_position!r} has no scale; positions are {self.positions}")
+            if target not in BLOCK_POSITIONS or target.startswith("norm"):
+                raise ValueError(f"edge {edge!r}: target must be a linear block position (qkv, proj, fc1, fc2)")
+            if part and part not in SLICES:
+                raise ValueError(f"edge {edge!r}: unknown slice {part!r}; accepted: {sorted(SLICES)}")
+        if self.qkv_to_proj not in ("v_slice", "interpolate"):
+            raise ValueError(f"qkv_to_proj must be 'v_slice' or 'interpolate', not {self.qkv_to_proj!r}")
+        if self.inference_mode not in INFERENCE_MODES:
+            raise ValueError(f"unknown inference_mode {self.inference_mode!r}; accepted: {list(INFERENCE_MODES)}")
+        if self.propagate_into_head and "norm" not in self.positions:
+            raise ValueError("propagate_into_head needs a scale at the final 'norm' position")
+
+
+class SANModel(PeftModel):
+    config_class = SANConfig
+
+    def _adapt(self, model: nn.Module) -> None:
+        cfg = self.config
+        anatomy = transformer_anatomy(model, self.method_name)
+        self.scales: list[ScaledOutput] = []
+        self.propagations: list[PropagatedLinear] = []
+        self.norm_affines: list[nn.Parameter] = []
+
+        def scaled(module: nn.Module) -> ScaledOutput:
+            wrapper = ScaledOutput(module, cfg.shift, cfg.init_std)
+            replace_module(model, module, wrapper)
+            self.scales.append(wrapper)
+            return wrapper
+
+        global_scales = {name: scaled(module) for name, module in anatomy.global_modules.items()
+                         if name in cfg.positions}
+        block_scales = [{name: scaled(module) for name, module in block.items() if name in cfg.positions}
+                        for block in anatomy.blocks]
+        first_propagating = len(anatomy.blocks) - (cfg.propagate_last_blocks or len(anatomy.blocks))
+
+        for index, (block, scales) in enumerate(zip(anatomy.blocks, block_scales)):
+            if index < first_propagating:
+                continue
+            sources: dict[str, list] = {}
+            for edge in cfg.edges:
+                source, _, target = edge.partition("->")
+                position, _, part = source.partition(".")
+                wrapper = global_scales[position] if position in global_scales else scales[position]
+                width = wrapper.gamma.numel()
+                interpolate = position == "qkv" and target == "proj" and cfg.qkv_to_proj == "interpolate"
+                start, stop = 0, width
+                if part and not interpolate:
+                    low, high = SLICES[part]
+                    start, stop = width * low // 3, width * high // 3
+                sources.setdefault(target, []).append((wrapper, start, stop, interpolate))
+            for target, target_sources in sources.items():
+                self._propagate(model, block[target], target_sources)
+
+        if cfg.propagate_into_head:
+            self._propagate(model, self.head, [(global_scales["norm"], 0, anatomy.embed_dim, False)])
+        if cfg.train_norm_affine:
+            self.norm_affines = [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
+        self.set_inference_mode(cfg.inference_mode)
+
+    def _propagate(self, model: nn.Module, linear: nn.Linear, sources: list) -> None:
+        propagated = PropagatedLinear(linear, sources, self.config.recalibrate)
+        replace_module(model, linear, propagated)
+        self.propagations.append(propagated)
+
+    def set_inference_mode(self, mode: str) -> None:
+        """The authors' inference ablation: both / features only / propagated weights only."""
+        for wrapper in self.scales:
+            wrapper.apply_feature_scale = mode in ("both", "features_only")
+        for propagated in self.propagations:
+            propagated.apply_propagation = mode in ("both", "weights_only")
+
+    def set_train_mode(self, training: bool) -> None:
+        super().set_train_mode(training)
+        # The ablation switches are for evaluation; training always uses both.
+        self.set_inference_mode("both" if training else self.config.inference_mode)
+
+    def _method_parameters(self):
+        for wrapper in self.scales:
+            yield wrapper.gamma
+            if wrapper.beta is not None:
+                yield wrapper.beta
+        for propagated in self.propagations:
+            if propagated.recalibration is not None:
+                yield propagated.recalibration
+        yield from self.norm_affines
+
+    def _no_weight_decay_parameters(self):
+        return self._method_parameters()
+
+    def _merge_into(self, model: nn.Module) -> nn.Module:
+        if self.config.inference_mode != "both":
+            raise ValueError("merge folds both neuron and synapse scaling; set inference_mode='both' first")
+        return fold_all(model)
+
+
+@dataclass
+class SANEarlyConfig(SANConfig):
+    positions: list[str] = field(default_factory=lambda: ["patch_embed", "qkv", "proj", "fc1", "fc2"],
+                                 metadata={"help": "Reading B's scale positions."})
+    shift: bool = field(default=False, metadata={"help": "Reading B scales only."})
+    init_std: float = field(default=0.0, metadata={"help": "Reading B initialises scales to exactly 1."})
+    edges: list[str] | str = field(default="reading_b", metadata={"help": "Reading B's propagation edges."})
+    train_norm_affine: bool = field(default=True, metadata={"help": "Reading B trains LayerNorm affines."})
+
+
+class SANEarlyModel(SANModel):
+    config_class = SANEarlyConfig
+
+
+register_method("san", SANModel)
+register_method("san_early", SANEarlyModel)
