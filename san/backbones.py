@@ -124,8 +124,12 @@ PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
 
 # --- building ----------------------------------------------------------------------------
 
+def _classifier_param_ids(model: nn.Module) -> set[int]:
+    return {id(p) for p in model.get_classifier().parameters()}
+
+
 def _classifier_keys(model: nn.Module) -> set[str]:
-    head_ids = {id(p) for p in model.get_classifier().parameters()}
+    head_ids = _classifier_param_ids(model)
     return {name for name, p in model.named_parameters() if id(p) in head_ids}
 
 
@@ -198,10 +202,6 @@ def create_backbone(cfg: Mapping[str, Any], num_classes: int) -> tuple[nn.Module
     except Exception as error:  # network, hub or cache errors all mean the same to the user
         raise WeightsUnavailableError(_hub_help(cfg) + f" (cause: {type(error).__name__}: {error})") from error
     return model, _info(model, "timm_hub", None)
-
-
-def _classifier_param_ids(model: nn.Module) -> set[int]:
-    return {id(p) for p in model.get_classifier().parameters()}
 
 
 def _info(model: nn.Module, source: str, path: Path | None) -> WeightsInfo:

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
+from san.backbones import create_backbone, data_config
 from san.cli.config import compose_config
+from san.data.loaders import build_loader
+from san.methods.registry import build_method
 from san.run import run, run_dir_for, resolved
 from san.trainer import NonFiniteLossError, Trainer
 
@@ -107,22 +110,14 @@ def test_crash_leaves_failed_record(tmp_path, tiny_task):
 
 
 def test_nan_loss_fails_clearly(tmp_path, tiny_task):
-    cfg = compose_config(tiny_overrides(tmp_path, tiny_task, "trainer.nan_check_every=1"))
-
-    from san.backbones import create_backbone
-    from san.methods.registry import build_method
-
-    model, _ = create_backbone(cfg.backbone, 4)
+    config = resolved(compose_config(tiny_overrides(tmp_path, tiny_task, "trainer.nan_check_every=1")))
+    model, _ = create_backbone(config["backbone"], 4)
     with torch.no_grad():
         model.get_classifier().weight.fill_(float("nan"))
     peft = build_method("linear", model)
-    from san.backbones import data_config
-    from san.data.loaders import build_loader
-
-    dataset = resolved(cfg)["dataset"]
-    loader = build_loader(dataset, "train", data_config(model, 32), train=True, batch_size=8, num_workers=0)
-    trainer = Trainer(peft, data_config(model, 32), resolved(cfg)["trainer"], resolved(cfg)["optim"], 0,
-                      tmp_path / "nan", "x")
+    preprocessing = data_config(model, 32)
+    loader = build_loader(config["dataset"], "train", preprocessing, train=True, batch_size=8, num_workers=0)
+    trainer = Trainer(peft, preprocessing, config["trainer"], config["optim"], 0, tmp_path / "nan", "x")
     with pytest.raises(NonFiniteLossError, match="epoch 1, step 1"):
         trainer.fit(loader, loader, "val")
 
