@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 import san  # noqa: F401  (registers every method)
 from san.backbones import create_backbone, data_config
 from san.data.loaders import build_loader
-from san.methods.registry import build_method
+from san.methods.registry import build_method_from_config, method_settings
 from san.provenance import device_description, environment
 from san.records import SCHEMA_VERSION, read_record, write_record
 from san.trainer import Trainer, peak_memory_bytes
@@ -61,10 +61,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _method_settings(method_cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in method_cfg.items() if k != "name"}
-
-
 def run(cfg: DictConfig) -> Path:
     """Train and evaluate one configuration; return the path of its record."""
     config = resolved(cfg)
@@ -85,7 +81,7 @@ def run(cfg: DictConfig) -> Path:
         "task": dataset["name"],
         "group": dataset.get("group"),
         "backbone": {"name": config["backbone"]["name"], "timm_name": config["backbone"]["timm_name"]},
-        "method": {"name": config["method"]["name"], "settings": _method_settings(config["method"])},
+        "method": {"name": config["method"]["name"], "settings": method_settings(config["method"])},
         "seed": config["seed"],
         "identity": identity(config),
         "splits": {"fit": protocol["fit"], "evaluate": protocol["evaluate"]},
@@ -99,7 +95,7 @@ def run(cfg: DictConfig) -> Path:
         seed_everything(config["seed"], config["trainer"]["deterministic"])
         model, weights = create_backbone(config["backbone"], dataset["num_classes"])
         record["backbone"].update(pretrained=weights.source != "random_init", weights=weights.to_dict())
-        peft = build_method(config["method"]["name"], model, _method_settings(config["method"]))
+        peft = build_method_from_config(model, config["method"])
         record["method"]["config"] = peft.config.to_dict()
         record["params"] = peft.parameter_counts()
         preprocessing = data_config(model, config["backbone"]["input_size"])

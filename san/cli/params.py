@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import san  # noqa: F401  (registers every method)
 from san.backbones import create_backbone
 from san.cli.config import compose_config
-from san.methods.registry import build_method
+from san.methods.registry import build_method_from_config
 
 
 def parameter_counts(overrides: list[str]) -> dict[str, int]:
@@ -21,8 +21,7 @@ def parameter_counts(overrides: list[str]) -> dict[str, int]:
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
     backbone["pretrained"] = False  # counting needs the architecture only
     model, _ = create_backbone(backbone, cfg.dataset.num_classes)
-    method = OmegaConf.to_container(cfg.method, resolve=True)
-    peft = build_method(method.pop("name"), model, method)
+    peft = build_method_from_config(model, OmegaConf.to_container(cfg.method, resolve=True))
     return peft.parameter_counts()
 
 

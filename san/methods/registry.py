@@ -54,3 +54,13 @@ def build_method(name: str, model: nn.Module, settings: Mapping[str, Any] | None
     """Adapt `model` (a timm model, modified in place) with the named method."""
     config = method_config(name, settings or {})
     return method_class(name)(model, config)
+
+
+def method_settings(method_node: Mapping[str, Any]) -> dict[str, Any]:
+    """A `method` config node without its `name`: the fields of the method's dataclass."""
+    return {k: v for k, v in method_node.items() if k != "name"}
+
+
+def build_method_from_config(model: nn.Module, method_node: Mapping[str, Any]) -> PeftModel:
+    """Adapt `model` with the method a resolved `method` config node describes."""
+    return build_method(method_node["name"], model, method_settings(method_node))
