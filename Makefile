@@ -5,13 +5,16 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-stamp
+# Extra Hydra overrides for the sweep targets, and the experiment `make sweep` runs.
+ARGS ?=
+EXPERIMENT ?= demo
 
 # Nothing here may reach the model hub or a logging service by default.
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo data-demo lock clean-results
+.PHONY: help install test demo data-demo vtab fgvc sweep tables lock clean-results
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -30,12 +33,24 @@ test: install ## Run the test suite (offline)
 data-demo: install ## Generate the offline demo suite under data/demo
 	$(VENV)/bin/san-prepare demo --out data/demo
 
-demo: data-demo ## Run the main job on the offline demo suite with EfficientNet-Lite0 and print the table
-	$(PY) -m san.demo
+demo: data-demo ## The whole protocol (tune -> select -> final) on the offline demo suite with EfficientNet-Lite0
+	$(VENV)/bin/san-sweep experiment=demo $(ARGS)
+
+vtab: install ## The full VTAB-1K sweep (ViT-B/16; ARGS="method=san backbone=swin_b_in22k launcher=slurm" narrow or redirect it)
+	$(VENV)/bin/san-sweep experiment=vtab $(ARGS)
+
+fgvc: install ## The full FGVC sweep (same ARGS as vtab)
+	$(VENV)/bin/san-sweep experiment=fgvc $(ARGS)
+
+tables: install ## Tables and plots from every record under results/runs (ARGS="experiment=vtab" for one experiment)
+	$(VENV)/bin/san-report $(ARGS)
+
+sweep: install ## Any experiment: make sweep EXPERIMENT=san_ablation ARGS="method=san"
+	$(VENV)/bin/san-sweep experiment=$(EXPERIMENT) $(ARGS)
 
 lock: ## Rewrite requirements.lock from the current .venv
 	@{ head -2 requirements.lock; $(PIP) freeze --exclude-editable | grep -v '^-e'; } > requirements.lock.new
 	@mv requirements.lock.new requirements.lock
 
-clean-results: ## Delete results/runs (records and checkpoints)
-	rm -rf results/runs results/hydra
+clean-results: ## Delete results/runs, sweeps and tables (records and checkpoints)
+	rm -rf results/runs results/hydra results/sweeps results/tables

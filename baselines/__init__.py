@@ -1,3 +1,3 @@
 """Baseline methods. Importing this package registers each of them."""
 
-from baselines import bitfit, full, linear, ssf  # noqa: F401
+from baselines import adapter, bitfit, full, linear, peft_family, ssf, vpt  # noqa: F401

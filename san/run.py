@@ -6,6 +6,7 @@ it directly with configs from `hydra.compose`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -21,7 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 import san  # noqa: F401  (registers every method)
 from san.backbones import create_backbone, data_config
 from san.data.loaders import build_loader
-from san.methods.registry import build_method_from_config, method_settings
+from san.locks import run_lock
+from san.loggers import Logger, build_logger
+from san.methods.registry import build_method_from_config, method_label, method_settings
 from san.provenance import device_description, environment
 from san.records import SCHEMA_VERSION, read_record, write_record
 from san.trainer import Trainer, peak_memory_bytes
@@ -48,7 +51,7 @@ def identity(config: dict[str, Any]) -> str:
 def run_dir_for(config: dict[str, Any]) -> Path:
     """Derived from the configuration, so a re-run finds its own earlier result."""
     return (Path(config["paths"]["runs_dir"]) / config["dataset"]["suite"] / config["dataset"]["name"]
-            / config["backbone"]["name"] / config["method"]["name"] / config["protocol"]["stage"]
+            / config["backbone"]["name"] / method_label(config["method"]) / config["protocol"]["stage"]
             / identity(config) / f"seed{config['seed']}")
 
 
@@ -61,16 +64,30 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def run(cfg: DictConfig) -> Path:
-    """Train and evaluate one configuration; return the path of its record."""
-    config = resolved(cfg)
+def run(cfg: DictConfig | dict[str, Any], wait_for_lock: bool = False) -> Path:
+    """Train and evaluate one configuration; return the path of its record.
+
+    The run directory is locked for the duration: if another process holds it, this
+    raises `RunBusyError` (or waits for it with `wait_for_lock`, and then usually finds
+    the record complete).
+    """
+    return run_and_report(cfg, wait_for_lock)[0]
+
+
+def run_and_report(cfg: DictConfig | dict[str, Any], wait_for_lock: bool = False) -> tuple[Path, bool]:
+    """`run`, also saying whether this call trained (False: the record was already complete)."""
+    config = resolved(cfg) if isinstance(cfg, DictConfig) else cfg
     run_dir = run_dir_for(config)
-    record_path = run_dir / "record.json"
-    if record_path.is_file() and not config["overwrite"]:
-        previous = read_record(record_path)
-        if previous.get("status") == "complete":
-            print(f"already complete, skipping (overwrite=true to redo): {record_path}", flush=True)
-            return record_path
+    with run_lock(run_dir, wait=wait_for_lock):
+        record_path = run_dir / "record.json"
+        if record_path.is_file() and not config["overwrite"]:
+            if read_record(record_path).get("status") == "complete":
+                print(f"already complete, skipping (overwrite=true to redo): {record_path}", flush=True)
+                return record_path, False
+        return _run_locked(config, run_dir), True
+
+
+def _run_locked(config: dict[str, Any], run_dir: Path) -> Path:
 
     protocol, dataset = config["protocol"], config["dataset"]
     record: dict[str, Any] = {
@@ -81,9 +98,12 @@ def run(cfg: DictConfig) -> Path:
         "task": dataset["name"],
         "group": dataset.get("group"),
         "backbone": {"name": config["backbone"]["name"], "timm_name": config["backbone"]["timm_name"]},
-        "method": {"name": config["method"]["name"], "settings": method_settings(config["method"])},
+        "method": {"name": method_label(config["method"]), "registered_name": config["method"]["name"],
+                   "settings": method_settings(config["method"])},
         "seed": config["seed"],
         "identity": identity(config),
+        # The grid point san-sweep ran (its overrides); informational, not part of the identity.
+        "point": config.get("point"),
         "splits": {"fit": protocol["fit"], "evaluate": protocol["evaluate"]},
         "env": environment(),
         "config": config,
@@ -91,7 +111,9 @@ def run(cfg: DictConfig) -> Path:
     }
     write_record(run_dir, record)
     started = time.perf_counter()
+    logger: Logger = Logger()
     try:
+        logger = build_logger(config["logger"], run_dir, record)
         seed_everything(config["seed"], config["trainer"]["deterministic"])
         model, weights = create_backbone(config["backbone"], dataset["num_classes"])
         record["backbone"].update(pretrained=weights.source != "random_init", weights=weights.to_dict())
@@ -109,10 +131,10 @@ def run(cfg: DictConfig) -> Path:
         record["splits"].update(fit_images=len(fit_loader.dataset), evaluate_images=len(eval_loader.dataset))
 
         trainer = Trainer(peft, preprocessing, trainer_cfg, config["optim"], config["seed"], run_dir,
-                          record["identity"])
+                          record["identity"], channels_last=config["backbone"].get("channels_last", False))
         record["env"] = {**record["env"], "device": device_description(trainer.device),
                          "precision": str(trainer.autocast_dtype or "float32")}
-        outcome = trainer.fit(fit_loader, eval_loader, protocol["evaluate"])
+        outcome = trainer.fit(fit_loader, eval_loader, protocol["evaluate"], on_epoch=logger.log_epoch)
 
         metric = f"{protocol['evaluate']}_top1"
         evaluated = [row for row in outcome.history if metric in row]
@@ -135,6 +157,7 @@ def run(cfg: DictConfig) -> Path:
         record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         path = write_record(run_dir, record)
         trainer.discard_checkpoint()
+        logger.finish(record)
         return path
     except BaseException as error:
         record["status"] = "failed"
@@ -142,4 +165,6 @@ def run(cfg: DictConfig) -> Path:
                            "traceback": traceback.format_exc()}
         record["cost"] = {"wall_s": time.perf_counter() - started}
         write_record(run_dir, record)
+        with contextlib.suppress(Exception):  # never hide the run's own error behind the logger's
+            logger.finish(record)
         raise

@@ -17,7 +17,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +94,7 @@ class TrainOutcome:
 
 class Trainer:
     def __init__(self, peft: PeftModel, data_config: DataConfig, trainer: Mapping[str, Any],
-                 optim: Mapping[str, Any], seed: int, run_dir: Path, identity: str):
+                 optim: Mapping[str, Any], seed: int, run_dir: Path, identity: str, channels_last: bool = False):
         self.peft = peft
         self.cfg = trainer
         self.optim_cfg = optim
@@ -103,7 +103,9 @@ class Trainer:
         self.identity = identity
         self.device = resolve_device(trainer["device"])
         self.autocast_dtype = resolve_precision(trainer["precision"], self.device)
-        peft.model.to(self.device)
+        # NHWC is what CPU and GPU conv kernels are fastest on; a ViT only sees it in patch_embed.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        peft.model.to(self.device, memory_format=self.memory_format)
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(data_config.mean, device=self.device).view(shape) * 255
         self.std = torch.tensor(data_config.std, device=self.device).view(shape) * 255
@@ -118,11 +120,11 @@ class Trainer:
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True).float()
-        return (images - self.mean) / self.std
+        return ((images - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
-    def _set_lr(self, step: int, total: int, warmup: int) -> float:
+    def _set_lr(self, step: int, decay_steps: int, warmup: int) -> float:
         min_ratio = self.optim_cfg["min_lr"] / self.optim_cfg["lr"]
-        lr = self.optim_cfg["lr"] * lr_multiplier(step, total, warmup, min_ratio)
+        lr = self.optim_cfg["lr"] * lr_multiplier(step, decay_steps, warmup, min_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -184,7 +186,8 @@ class Trainer:
         return {"top1": 100.0 * correct.item() / seen, "loss": loss_sum.item() / seen, "images": seen}
 
     # --- the loop ---------------------------------------------------------------------------
-    def fit(self, fit_loader: DataLoader, eval_loader: DataLoader, eval_role: str) -> TrainOutcome:
+    def fit(self, fit_loader: DataLoader, eval_loader: DataLoader, eval_role: str,
+            on_epoch: Callable[[dict], None] | None = None) -> TrainOutcome:
         cfg = self.cfg
         epochs = cfg["epochs"]
         steps_per_epoch = len(fit_loader)
@@ -192,8 +195,16 @@ class Trainer:
             steps_per_epoch = min(steps_per_epoch, cfg["limit_train_batches"])
         total_steps = epochs * steps_per_epoch
         warmup_steps = self.optim_cfg["warmup_epochs"] * steps_per_epoch
+        # The cosine ends `cooldown_epochs` early; those epochs run at min_lr (SSF's recipe).
+        decay_steps = total_steps - self.optim_cfg.get("cooldown_epochs", 0) * steps_per_epoch
+        if decay_steps < warmup_steps:
+            raise ValueError(
+                f"optim.warmup_epochs ({self.optim_cfg['warmup_epochs']}) + optim.cooldown_epochs "
+                f"({self.optim_cfg.get('cooldown_epochs', 0)}) leave no epoch of the {epochs} for the cosine decay"
+            )
         start_epoch, outcome = self._load_checkpoint()
         trainable = [p for _, p in self.peft.named_trainable_parameters()]
+        self.peft.on_fit_start(total_steps)
 
         for epoch in range(start_epoch, epochs):
             torch.manual_seed(epoch_seed(self.seed, epoch))
@@ -208,16 +219,18 @@ class Trainer:
                 if index >= steps_per_epoch:
                     break
                 step = epoch * steps_per_epoch + index
-                lr = self._set_lr(step, total_steps, warmup_steps)
+                lr = self._set_lr(step, decay_steps, warmup_steps)
                 labels = labels.to(self.device, non_blocking=True)
                 with self._autocast():
                     logits = self.peft.model(self._prepare(images))
                     loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg["label_smoothing"])
+                    regularization = self.peft.regularization_loss()
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss if regularization is None else loss + regularization).backward()
                 if cfg["grad_clip_norm"]:
                     torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip_norm"])
                 self.optimizer.step()
+                self.peft.after_optimizer_step(step)
                 loss_sum += loss.detach() * labels.numel()
                 images_seen += labels.numel()
                 if (index + 1) % cfg["nan_check_every"] == 0 or index + 1 == steps_per_epoch:
@@ -244,6 +257,8 @@ class Trainer:
             outcome.history.append(row)
             self._write_metrics_csv(outcome.history)
             self._save_checkpoint(epoch + 1, outcome)
+            if on_epoch is not None:
+                on_epoch(row)
             summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "lr"))
             print(f"epoch {epoch + 1}/{epochs}: {summary}", flush=True)
         return outcome

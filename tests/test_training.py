@@ -13,6 +13,7 @@ from san.backbones import create_backbone, data_config
 from san.cli.config import compose_config
 from san.data.loaders import build_loader
 from san.methods.registry import build_method
+from san.records import read_record
 from san.run import run, run_dir_for, resolved
 from san.trainer import NonFiniteLossError, Trainer
 
@@ -129,3 +130,12 @@ def test_final_protocol_reports_test_and_keeps_best_epoch_apart(tmp_path, tiny_t
     assert record["splits"]["fit_images"] == 40
     best = record["metrics"]["best_epoch_on_test_top1_not_for_reporting"]
     assert best == max(r["test_top1"] for r in record["metrics"]["per_epoch"])
+
+
+def test_wandb_logger_runs_offline_and_is_optional(tmp_path, tiny_task, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    record_path = run(compose_config(tiny_overrides(tmp_path, tiny_task, "logger=wandb", "trainer.epochs=1")))
+    assert read_record(record_path)["status"] == "complete"
+    offline_runs = list((record_path.parent / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1

@@ -79,6 +79,17 @@ class PeftModel:
         """Fold the method into `model` and return the plain model."""
         return model
 
+    # --- training hooks (the trainer calls them; most methods need none) ----------------
+    def on_fit_start(self, total_steps: int) -> None:
+        """Called once before the first step with the run's total number of steps."""
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        """A term added to the training loss (AdaLoRA's orthogonality penalty)."""
+        return None
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after every optimizer step, gradients still present (AdaLoRA's budget)."""
+
     # --- the shared interface ----------------------------------------------------------
     def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]

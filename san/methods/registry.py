@@ -56,9 +56,19 @@ def build_method(name: str, model: nn.Module, settings: Mapping[str, Any] | None
     return method_class(name)(model, config)
 
 
+# Keys of a `method` config node that name it rather than configure it.
+NAMING_KEYS = ("name", "label")
+
+
 def method_settings(method_node: Mapping[str, Any]) -> dict[str, Any]:
-    """A `method` config node without its `name`: the fields of the method's dataclass."""
-    return {k: v for k, v in method_node.items() if k != "name"}
+    """A `method` config node without its names: the fields of the method's dataclass."""
+    return {k: v for k, v in method_node.items() if k not in NAMING_KEYS}
+
+
+def method_label(method_node: Mapping[str, Any]) -> str:
+    """How results name the method: its `label` when an experiment sets one (an ablation
+    variant such as san_no_propagation), else its registered name."""
+    return method_node.get("label") or method_node["name"]
 
 
 def build_method_from_config(model: nn.Module, method_node: Mapping[str, Any]) -> PeftModel:

@@ -1,0 +1,195 @@
+"""From an experiment config to the list of runs each stage needs.
+
+An experiment (configs/experiment/<name>.yaml) names the tasks, the methods, the grid
+(`sweep=<grid>`) and the final seeds; the backbone comes from the `backbone` group. A
+cell is one backbone x method x task. Each job is a fully resolved run config, so any
+launcher can run it without composing anything.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import OmegaConf
+
+import san  # noqa: F401  (registers every method)
+from san.cli.config import compose_config, config_dir
+from san.methods.registry import available_methods
+from san.protocol.grid import Point, format_override, grid_points, task_overrides
+from san.run import resolved, run_dir_for
+
+# Overrides the plan itself sets per job; on the san-sweep command line `method=` and
+# `dataset=` narrow the plan instead (see `split_overrides`).
+PLAN_OWNED = ("method", "dataset", "protocol", "seed", "point")
+
+
+class PlanError(ValueError):
+    pass
+
+
+class UnknownTaskError(PlanError):
+    pass
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """A method as an experiment lists it: a method config, optionally a labelled variant."""
+
+    label: str
+    config_name: str
+    overrides: Point = ()
+
+    @classmethod
+    def parse(cls, item: Any) -> "MethodEntry":
+        if isinstance(item, str):
+            return cls(item, item)
+        if isinstance(item, dict) and {"label", "method"} <= set(item):
+            fixed = tuple(format_override(k, v) for k, v in (item.get("overrides") or {}).items())
+            return cls(item["label"], item["method"], fixed)
+        raise PlanError(f"a plan.methods entry is a method name or {{label, method, overrides}}; got {item!r}")
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    backbone: str
+    method: str
+    task: str
+
+    def label(self) -> str:
+        return f"{self.backbone} x {self.method} x {self.task}"
+
+
+@dataclass
+class Job:
+    stage: str
+    cell: Cell
+    point: Point
+    seed: int
+    config: dict[str, Any] = field(repr=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return run_dir_for(self.config)
+
+    @property
+    def record_path(self) -> Path:
+        return self.run_dir / "record.json"
+
+    def label(self) -> str:
+        settings = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in (o.split("=", 1) for o in self.point))
+        return f"{self.stage} {self.cell.method} {self.cell.task} [{settings}] seed{self.seed}"
+
+
+def _names_in(group: str) -> list[str]:
+    return sorted(p.stem for p in Path(config_dir(), group).glob("*.yaml"))
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def split_overrides(overrides: Iterable[str]) -> tuple[list[str], dict[str, str]]:
+    """(overrides passed to every job, {plan-owned key: value} the user gave)."""
+    shared, owned = [], {}
+    for override in overrides:
+        key = _override_key(override)
+        if key in PLAN_OWNED:
+            owned[key] = override.split("=", 1)[1]
+        else:
+            shared.append(override)
+    return shared, owned
+
+
+def _absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """Jobs may run in another working directory (a SLURM node, a submitit process)."""
+    for key, value in config["paths"].items():
+        if isinstance(value, str):
+            config["paths"][key] = os.path.abspath(value)
+    config["dataset"]["root"] = os.path.abspath(config["dataset"]["root"])
+    return config
+
+
+class Plan:
+    def __init__(self, overrides: list[str]):
+        self.shared, owned = split_overrides(overrides)
+        for key in ("protocol", "seed", "point"):
+            if key in owned:
+                raise PlanError(f"san-sweep sets `{key}` itself; set plan.seeds / plan.tune_seed instead")
+        self.root = compose_config(self.shared)
+        if self.root.get("plan") is None:
+            raise PlanError(f"san-sweep needs an experiment: experiment=<name>; accepted: {_names_in('experiment')}")
+        if self.root.get("sweep") is None:
+            raise PlanError(f"experiment {self.root.plan.name!r} names no grid: sweep=<name>; "
+                            f"accepted: {_names_in('sweep')}")
+        plan = OmegaConf.to_container(self.root.plan, resolve=True)
+        self.name: str = plan["name"]
+        self.tasks: list[str] = [owned["dataset"]] if "dataset" in owned else list(plan["tasks"])
+        entries = [MethodEntry.parse(item) for item in plan["methods"]]
+        if "method" in owned:  # `method=X` on the command line: only that entry (or that config)
+            entries = [e for e in entries if owned["method"] in (e.label, e.config_name)] or [
+                MethodEntry.parse(owned["method"])]
+        self.methods: dict[str, MethodEntry] = {e.label: e for e in entries}
+        self.seeds: list[int] = list(plan["seeds"])
+        self.tune_seed: int = plan["tune_seed"]
+        self.retries: int = plan["retries"]
+        self.sweep: dict[str, Any] = OmegaConf.to_container(self.root.sweep, resolve=True)
+        self.backbone: str = self.root.backbone.name
+        self._validate()
+
+    def _validate(self) -> None:
+        known_tasks, known_methods = _names_in("dataset"), _names_in("method")
+        unknown = [t for t in self.tasks if t not in known_tasks]
+        if unknown:
+            raise UnknownTaskError(f"experiment {self.name!r} names unknown task(s) {unknown}; accepted: {known_tasks}")
+        registered = set(available_methods())
+        unknown = [e.config_name for e in self.methods.values()
+                   if e.config_name not in known_methods or e.config_name not in registered]
+        if unknown:
+            raise PlanError(f"experiment {self.name!r} names unknown method(s) {unknown}; "
+                            f"accepted: {sorted(registered & set(known_methods))}")
+        if not self.seeds:
+            raise PlanError(f"experiment {self.name!r} has no final seeds (plan.seeds)")
+        for task in self.tasks:
+            for method in self.methods:
+                grid_points(self.sweep, self.methods[method].config_name)  # EmptyGridError names it
+
+    @property
+    def cells(self) -> list[Cell]:
+        return [Cell(self.backbone, method, task) for task in self.tasks for method in self.methods]
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(os.path.abspath(resolved(self.root)["paths"]["results_dir"]))
+
+    @property
+    def sweep_dir(self) -> Path:
+        """Jobs files, selections, logs and the summary of this experiment x backbone."""
+        return self.results_dir / "sweeps" / self.name / self.backbone
+
+    def selection_path(self, cell: Cell) -> Path:
+        return self.sweep_dir / "selection" / cell.method / f"{cell.task}.json"
+
+    def _job(self, stage: str, cell: Cell, point: Point, seed: int) -> Job:
+        entry = self.methods[cell.method]
+        overrides = [*self.shared, f"method={entry.config_name}", *entry.overrides, f"dataset={cell.task}",
+                     f"protocol={stage}", f"seed={seed}", *task_overrides(self.sweep, cell.task), *point]
+        if entry.label != entry.config_name:
+            overrides.append(f"++method.label={entry.label}")
+        config = _absolute_paths(resolved(compose_config(overrides)))
+        config["point"] = list(point)
+        return Job(stage, cell, point, seed, config)
+
+    def tune_jobs(self, cell: Cell) -> list[Job]:
+        points = grid_points(self.sweep, self.methods[cell.method].config_name)
+        return [self._job("tune", cell, point, self.tune_seed) for point in points]
+
+    def final_jobs(self, cell: Cell, chosen: Point) -> list[Job]:
+        return [self._job("final", cell, chosen, seed) for seed in self.seeds]
+
+    def describe(self) -> dict[str, Any]:
+        return {"experiment": self.name, "backbone": self.backbone, "tasks": self.tasks, "methods": {k: vars(e) for k, e in self.methods.items()},
+                "seeds": self.seeds, "tune_seed": self.tune_seed, "sweep": self.sweep,
+                "shared_overrides": self.shared}

@@ -1,0 +1,152 @@
+"""Result records -> the paper's tables and plots under results/tables/.
+
+Two ways in: an experiment (`san-report experiment=vtab [backbone=...]`), whose final runs
+are found through its selection files, so the table holds exactly that experiment; or a
+whole runs directory (`san-report`), one table per suite x backbone, where two
+configurations in one cell are an error rather than an average.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from san.cli.config import config_dir
+from san.report import plots, render
+from san.report.results import LoadedResults, load_final_results, load_results_dir
+from san.report.tables import SuiteTable, build_suite_table, efficiency_frame
+
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "results" / "reference"
+
+
+@dataclass
+class TaskLayout:
+    tasks: list[str]
+    groups: dict[str, list[str]]
+
+
+def task_layout(tasks: list[str]) -> TaskLayout:
+    """Groups (natural / specialized / structured ...) in first-appearance order, from the dataset configs."""
+    groups: dict[str, list[str]] = {}
+    for task in tasks:
+        group = OmegaConf.load(Path(config_dir(), "dataset", f"{task}.yaml")).get("group") or "all"
+        groups.setdefault(group, []).append(task)
+    ordered = [t for members in groups.values() for t in members]
+    return TaskLayout(ordered, groups)
+
+
+def suite_tasks(suite: str, present: list[str]) -> list[str]:
+    """A suite's task order: the experiment of the same name lists it (vtab, fgvc, demo)."""
+    experiment = Path(config_dir(), "experiment", f"{suite}.yaml")
+    listed = list(OmegaConf.load(experiment).plan.tasks) if experiment.is_file() else []
+    return listed + sorted(set(present) - set(listed))
+
+
+def published_reference(suite: str, backbone: str, reference_dir: Path = REFERENCE_DIR) -> tuple[pd.DataFrame | None, str]:
+    sources = reference_dir / "sources.json"
+    if not sources.is_file():
+        return None, ""
+    for entry in json.loads(sources.read_text())["files"]:
+        if entry["suite"] == suite and entry["backbone"] == backbone:
+            frame = pd.read_csv(reference_dir / entry["file"], comment="#")
+            return frame, f"{entry['source']} ({entry['file']}; {entry['params_note']})"
+    return None, ""
+
+
+@dataclass
+class ReportOutput:
+    tables: list[SuiteTable] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    console: list[str] = field(default_factory=list)
+
+
+def _write(path: Path, text: str, output: ReportOutput) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    output.files.append(path)
+
+
+def write_table(table: SuiteTable, stem: Path, output: ReportOutput, fill_hint: str, flops: dict | None,
+                frame: pd.DataFrame, with_plots: bool = True) -> None:
+    _write(stem.with_suffix(".md"), render.to_markdown(table), output)
+    _write(stem.with_suffix(".tex"), render.to_latex(table), output)
+    _write(stem.with_suffix(".csv"), render.to_csv(table), output)
+    efficiency = efficiency_frame(frame, flops)
+    title = f"Efficiency: {table.title} ({table.backbone})"
+    efficiency_stem = stem.with_name(stem.name + "_efficiency")
+    _write(efficiency_stem.with_suffix(".md"), render.frame_to_markdown(efficiency, title), output)
+    _write(efficiency_stem.with_suffix(".tex"), render.frame_to_latex(efficiency, title), output)
+    _write(efficiency_stem.with_suffix(".csv"), efficiency.to_csv(float_format="%.6g"), output)
+    if with_plots:
+        output.files += plots.accuracy_vs_params(table, stem.with_name(stem.name + "_accuracy_vs_params"))
+        output.files += plots.per_task_bars(table, stem.with_name(stem.name + "_per_task"))
+    output.tables.append(table)
+    measured = [r for r in table.rows if r.source == "measured"]
+    cells = len(measured) * len(table.tasks)
+    seeds = sorted({c.seeds for r in measured for t, c in r.cells.items() if t in table.tasks and c.seeds})
+    output.console.append(f"{table.title} ({table.backbone}): {cells - len(table.missing)}/{cells} cells complete, "
+                          f"seeds per cell {seeds or '-'} -> {stem}.md")
+    for method, task in table.missing:
+        output.console.append(f"  missing {method} x {task}: {fill_hint.format(method=method, task=task)}")
+
+
+def _flops(frame: pd.DataFrame) -> dict[str, float]:
+    from san.efficiency import flops_per_image  # imports timm; only when a table is written
+    from san.records import read_record
+
+    flops = {}
+    for method, rows in frame.groupby("method"):
+        flops[method] = float(flops_per_image(read_record(rows.path.iloc[0])["config"]))
+    return flops
+
+
+def report_runs_dir(runs_dir: Path, out_dir: Path, with_flops: bool = True, with_plots: bool = True) -> ReportOutput:
+    loaded = load_results_dir(runs_dir)
+    output = ReportOutput()
+    output.console.append(f"{len(loaded.frame)} final records; skipped: {loaded.skipped_text()}")
+    for (suite, backbone), frame in loaded.frame.groupby(["suite", "backbone"]):
+        layout = task_layout(suite_tasks(suite, sorted(frame.task.unique())))
+        published, source = published_reference(suite, backbone)
+        table = build_suite_table(frame, title=suite, suite=suite, tasks=layout.tasks, groups=layout.groups,
+                                  published=published, published_source=source)
+        write_table(table, out_dir / f"{suite}_{backbone}", output,
+                    f"san-sweep experiment={suite} backbone={backbone} method={{method}} dataset={{task}}",
+                    _flops(frame) if with_flops else None, frame, with_plots)
+    return output
+
+
+def report_experiment(overrides: list[str], out_dir: Path | None = None, with_flops: bool = True,
+                      with_plots: bool = True) -> ReportOutput:
+    from san.protocol.plan import Plan  # composes configs; not needed for a runs-directory report
+    from san.protocol.selection import read_chosen_point
+
+    plan = Plan(overrides)
+    out_dir = out_dir or plan.results_dir / "tables"
+    record_paths, unselected = [], []
+    for cell in plan.cells:
+        selection = plan.selection_path(cell)
+        if not selection.is_file():
+            unselected.append(cell)
+            continue
+        seed_dir = plan.final_jobs(cell, read_chosen_point(selection))[0].run_dir
+        record_paths += [seed_dir.parent / f"seed{seed}" / "record.json" for seed in plan.seeds]
+    loaded: LoadedResults = load_final_results([p for p in record_paths if p.is_file()])
+    output = ReportOutput()
+    output.console.append(f"{plan.name} on {plan.backbone}: {len(loaded.frame)} final records of "
+                          f"{len(plan.cells) * len(plan.seeds)} expected; skipped: {loaded.skipped_text()}")
+    if unselected:
+        output.console.append(f"  {len(unselected)} cell(s) have no selection yet (tune stage incomplete)")
+    layout = task_layout(plan.tasks)
+    suites = sorted(loaded.frame.suite.unique()) or ["-"]
+    published, source = published_reference(suites[0], plan.backbone) if len(suites) == 1 else (None, "")
+    table = build_suite_table(loaded.frame, title=plan.name, suite=suites[0], tasks=layout.tasks, groups=layout.groups,
+                              methods=list(plan.methods), published=published, published_source=source)
+    table.backbone = plan.backbone
+    hint = f"san-sweep experiment={plan.name} backbone={plan.backbone} method={{method}} dataset={{task}}"
+    write_table(table, out_dir / f"{plan.name}_{plan.backbone}", output, hint,
+                _flops(loaded.frame) if with_flops and not loaded.frame.empty else None, loaded.frame, with_plots)
+    return output

@@ -1,0 +1,96 @@
+"""Result records -> one tidy DataFrame, with every record that was left out counted.
+
+A row is one complete final-stage run. Records that cannot be used are skipped with a
+reason (failed, still running, an unsupported schema, another stage), never silently;
+two different configurations claiming the same cell is a named error, never an average.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from san.records import SCHEMA_VERSION, find_records, read_record
+
+COLUMNS = ["suite", "task", "group", "backbone", "method", "seed", "identity", "top1", "params_without_head",
+           "params_trainable", "train_images_per_s", "eval_images_per_s", "peak_mem_bytes", "peak_mem_kind",
+           "device", "path"]
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+class ConflictingResultsError(ReportError):
+    """One cell has final records of more than one configuration."""
+
+
+@dataclass
+class LoadedResults:
+    frame: pd.DataFrame
+    skipped: Counter = field(default_factory=Counter)
+
+    def skipped_text(self) -> str:
+        return ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
+
+
+def _row(record: dict, path: Path) -> dict:
+    metric = f"{record['splits']['evaluate']}_top1"
+    cost = record.get("cost", {})
+    return {
+        "suite": record["suite"], "task": record["task"], "group": record.get("group"),
+        "backbone": record["backbone"]["name"], "method": record["method"]["name"], "seed": record["seed"],
+        "identity": record["identity"], "top1": record["metrics"]["final"][metric],
+        "params_without_head": record["params"]["trainable_without_head"],
+        "params_trainable": record["params"]["trainable"],
+        "train_images_per_s": cost.get("train_images_per_s"), "eval_images_per_s": cost.get("eval_images_per_s"),
+        "peak_mem_bytes": cost.get("peak_mem_bytes"), "peak_mem_kind": cost.get("peak_mem_kind"),
+        "device": record.get("env", {}).get("device"), "path": str(path),
+    }
+
+
+def load_final_results(paths: Iterable[Path]) -> LoadedResults:
+    """Rows for the complete final records among `paths`; the rest counted by reason."""
+    rows, skipped = [], Counter()
+    for path in paths:
+        try:
+            record = read_record(path)
+        except (OSError, ValueError):
+            skipped["unreadable"] += 1
+            continue
+        if record.get("schema") != SCHEMA_VERSION:
+            skipped[f"schema {record.get('schema')!r} (this version reads {SCHEMA_VERSION})"] += 1
+        elif record.get("status") != "complete":
+            skipped[str(record.get("status"))] += 1
+        elif record.get("stage") != "final":
+            skipped[f"stage {record.get('stage')}"] += 1
+        else:
+            rows.append(_row(record, path))
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    check_one_configuration_per_cell(frame)
+    return LoadedResults(frame, skipped)
+
+
+def load_results_dir(runs_dir: Path) -> LoadedResults:
+    if not Path(runs_dir).is_dir():
+        raise ReportError(f"no runs under {runs_dir}; run a sweep first (make demo, make vtab)")
+    return load_final_results(find_records(runs_dir))
+
+
+def check_one_configuration_per_cell(frame: pd.DataFrame) -> None:
+    if frame.empty:
+        return
+    identities = frame.groupby(["suite", "backbone", "method", "task"])["identity"].nunique()
+    conflicts = identities[identities > 1]
+    if not conflicts.empty:
+        (suite, backbone, method, task) = conflicts.index[0]
+        clash = frame[(frame.backbone == backbone) & (frame.method == method) & (frame.task == task)]
+        raise ConflictingResultsError(
+            f"{len(conflicts)} cell(s) have final records of several configurations, e.g. {backbone} x {method} x "
+            f"{task}: identities {sorted(clash.identity.unique())} ({clash.path.iloc[0]}, ...). Averaging them would "
+            "mix settings: report one experiment (san-report experiment=<name>) or move the others away"
+        )
