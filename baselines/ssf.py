@@ -6,15 +6,14 @@ The same layers as SAN with no propagation edges (SAN is SSF plus synapses).
 
 from dataclasses import dataclass, field
 
-from san.methods.anatomy import ALL_POSITIONS
 from san.methods.registry import register_method
 from san.methods.san import SANConfig, SANModel
 
 
 @dataclass
 class SSFConfig(SANConfig):
-    positions: list[str] = field(default_factory=lambda: list(ALL_POSITIONS),
-                                 metadata={"help": "SSF's positions: after patch_embed, the six block outputs, the final norm."})
+    positions: list[str] | str = field(default="all", metadata={
+        "help": "SSF's insertion points on the architecture (see san/methods/anatomy.py), or a list."})
     edges: list[str] | str = field(default="none", metadata={"help": "SSF propagates nothing."})
 
 

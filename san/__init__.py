@@ -14,6 +14,7 @@ def _register_all() -> None:
     # Importing the modules runs their register_method calls; no central if/elif.
     import baselines  # noqa: F401
     import san.methods.san  # noqa: F401
+    import san.methods.san_lora  # noqa: F401
 
 
 _register_all()

@@ -12,19 +12,30 @@ from torch import nn
 from san.cli.params import parameter_counts
 from san.methods.base import UnsupportedBackboneError
 from san.methods.registry import build_method
-from san.methods.scaling import PropagatedLinear, ScaledOutput
+from san.methods.scaling import NormAffineScale, PropagatedLinear, ScaledOutput
 
-TINY = {"test_vit": dict(img_size=32), "test_convnext": dict()}
+# timm has no test-sized Swin; this one has Swin-B's structure (two stages, a PatchMerging).
+TINY_SWIN = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), img_size=32, window_size=4)
+TINY = {"test_vit": ("test_vit", dict(img_size=32)), "test_convnext": ("test_convnext", dict()),
+        "tiny_swin": ("swin_tiny_patch4_window7_224", TINY_SWIN),
+        "tf_efficientnet_lite0": ("tf_efficientnet_lite0", dict())}
 SCALING_METHODS = ["ssf", "san", "san_early"]
 # Which (method, backbone) pairs are supported; the README's matrix mirrors this table.
-SUPPORTED = {(m, "test_vit") for m in SCALING_METHODS}
+SUPPORTED = {(m, b) for m in SCALING_METHODS for b in ("test_vit", "test_convnext", "tiny_swin")} | {
+    ("ssf", "tf_efficientnet_lite0"), ("san", "tf_efficientnet_lite0")}  # reading B has no position there
 CASES = [(m, b) for m in ["linear", "full", "bitfit", *SCALING_METHODS] for b in TINY
          if m not in SCALING_METHODS or (m, b) in SUPPORTED]
 
 
 def tiny(name: str) -> nn.Module:
     torch.manual_seed(0)
-    return timm.create_model(name, num_classes=5, **TINY[name]).eval()
+    architecture, kwargs = TINY[name]
+    model = timm.create_model(architecture, num_classes=5, **kwargs).eval()
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if parameter_name.endswith(".gamma"):
+                parameter.fill_(1.0)  # ConvNeXt's layer scale starts at 1e-6 and would hide its blocks
+    return model
 
 
 def perturb(peft) -> None:
@@ -32,7 +43,7 @@ def perturb(peft) -> None:
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for module in peft.model.modules():
-            if isinstance(module, ScaledOutput):
+            if isinstance(module, (ScaledOutput, NormAffineScale)):
                 module.gamma.copy_(1 + 0.3 * torch.randn(module.gamma.shape, generator=generator))
                 if module.beta is not None:
                     module.beta.copy_(0.3 * torch.randn(module.beta.shape, generator=generator))
@@ -43,7 +54,7 @@ def perturb(peft) -> None:
 def method_tensors(model: nn.Module) -> set[int]:
     ids = set()
     for module in model.modules():
-        if isinstance(module, ScaledOutput):
+        if isinstance(module, (ScaledOutput, NormAffineScale)):
             ids |= {id(module.gamma)} | ({id(module.beta)} if module.beta is not None else set())
         if isinstance(module, PropagatedLinear) and module.recalibration is not None:
             ids.add(id(module.recalibration))
@@ -77,17 +88,18 @@ def test_method_contract(method, backbone):
     if method in SCALING_METHODS:
         assert not torch.allclose(unmerged, expected, atol=1e-3)
     merged = peft.merge()
-    assert not any(isinstance(m, (ScaledOutput, PropagatedLinear)) for m in merged.modules())
+    assert not any(isinstance(m, (ScaledOutput, PropagatedLinear, NormAffineScale)) for m in merged.modules())
     assert set(merged.state_dict()) == original_keys
     assert type(merged) is type(reference)
     with torch.no_grad():
         assert (merged(x) - unmerged).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("method", SCALING_METHODS)
-def test_unsupported_backbone_is_a_named_error(method):
-    with pytest.raises(UnsupportedBackboneError, match="not defined for ConvNeXt"):
-        build_method(method, tiny("test_convnext"))
+@pytest.mark.parametrize("method, backbone", [(m, b) for m in SCALING_METHODS for b in TINY
+                                               if (m, b) not in SUPPORTED])
+def test_unsupported_backbone_is_a_named_error(method, backbone):
+    with pytest.raises(UnsupportedBackboneError, match="EfficientNet"):
+        build_method(method, tiny(backbone))
 
 
 @pytest.mark.parametrize("method, expected", [("ssf", 205_824), ("san", 205_824), ("san_early", 122_112)])
@@ -196,3 +208,89 @@ def test_san_trains_end_to_end(tmp_path, tiny_task):
     for method in SCALING_METHODS:
         record = json.loads(run(compose_config(tiny_overrides(tmp_path, tiny_task, f"method={method}"))).read_text())
         assert record["status"] == "complete" and record["method"]["name"] == method
+
+
+def _propagated_targets(peft) -> list[str]:
+    wrappers = {id(m) for m in peft.model.modules() if isinstance(m, PropagatedLinear)}
+    # a propagated layer that also has a scale sits inside its ScaledOutput, as `<position>.base`
+    return [name.removesuffix(".base").rsplit(".", 1)[-1] for name, m in peft.model.named_modules()
+            if id(m) in wrappers]
+
+
+def test_san_edges_on_convnext_and_swin():
+    convnext = build_method("san", tiny("test_convnext"))
+    blocks = len([m for m in convnext.model.modules() if type(m).__name__ == "ConvNeXtBlock"])
+    targets = _propagated_targets(convnext)
+    # norm_dw -> fc1 and fc1 -> fc2 in every block; downsample_norm -> downsample conv per stage transition
+    assert targets.count("fc1") == blocks and targets.count("fc2") == blocks
+    assert targets.count("1") == 3  # stages[i].downsample[1], the conv, in the 3 later stages
+
+    effnet = build_method("san", tiny("tf_efficientnet_lite0"))
+    inverted = [m for m in effnet.model.modules() if type(m).__name__ == "InvertedResidual"]
+    targets = _propagated_targets(effnet)
+    # expand_bn -> depthwise conv and dw_bn -> projection in every inverted residual, dw_bn -> conv_pw once
+    assert targets.count("conv_dw") == targets.count("conv_pwl") == len(inverted) and targets.count("conv_pw") == 1
+
+    swin = build_method("san", tiny("tiny_swin"))
+    targets = _propagated_targets(swin)
+    assert sorted(set(targets)) == ["fc1", "fc2", "proj", "qkv", "reduction"]
+    assert targets.count("qkv") == 2 and targets.count("reduction") == 1
+
+
+@pytest.mark.parametrize("groups", [1, 6])
+def test_conv_propagation_scales_input_channels(groups):
+    """W diag(s) for a conv: the same as scaling the input's channels, depthwise included."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 6, 3, padding=1, groups=groups)
+    source = ScaledOutput(nn.Linear(4, 6), shift=False, init_std=0.5)
+    propagated = PropagatedLinear(conv, [(source, 0, 6, False)], recalibrate=False)
+    x = torch.randn(2, 6, 5, 5)
+    expected = conv(x * source.gamma.view(1, -1, 1, 1))
+    assert torch.allclose(propagated(x), expected, atol=1e-6)
+    assert torch.allclose(propagated.folded()(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone, method", [("swin_b_in22k", "ssf"), ("swin_b_in22k", "san"),
+                                              ("convnext_b_in22k", "ssf"), ("convnext_b_in22k", "san")])
+def test_san_matches_ssf_count_on_swin_and_convnext(backbone, method):
+    counts = parameter_counts([f"backbone={backbone}", f"method={method}"])
+    ssf = parameter_counts([f"backbone={backbone}", "method=ssf"])
+    assert counts["trainable_without_head"] == ssf["trainable_without_head"] > 0
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_san_composes_with_lora_and_merges_to_a_plain_model(dora):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    reference = tiny("test_vit")
+    x = torch.randn(3, 3, 32, 32)
+    peft = build_method("san_lora", tiny("test_vit"), {"init_std": 0.0, "dora": dora})
+    peft.set_train_mode(False)
+    with torch.no_grad():
+        assert torch.allclose(peft.model(x), reference(x), atol=1e-5)
+    trainable = {n for n, _ in peft.named_trainable_parameters()}
+    assert any("lora_A" in n for n in trainable) and any(n.endswith("gamma") for n in trainable)
+    perturb(peft)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in peft.model.named_parameters():
+            if "lora_" in name:
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+        unmerged = peft.model(x)
+        # LoRA acts inside the propagated qkv: switching it off changes the output
+        for layer in (m for m in peft.model.modules() if isinstance(m, BaseTunerLayer)):
+            layer.enable_adapters(False)
+        without_lora = peft.model(x)
+        for layer in (m for m in peft.model.modules() if isinstance(m, BaseTunerLayer)):
+            layer.enable_adapters(True)
+    assert not torch.allclose(unmerged, without_lora, atol=1e-4)
+    merged = peft.merge()
+    assert set(merged.state_dict()) == set(reference.state_dict()) and type(merged) is type(reference)
+    assert not any(isinstance(m, (ScaledOutput, PropagatedLinear, BaseTunerLayer)) for m in merged.modules())
+    with torch.no_grad():
+        assert (merged(x) - unmerged).abs().max() <= 1e-4
+
+
+def test_san_lora_count_is_san_plus_lora():
+    counts = parameter_counts(["backbone=vit_b16_in21k", "method=san_lora"])
+    assert counts["trainable_without_head"] == 205_824 + 294_912

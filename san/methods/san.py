@@ -18,16 +18,25 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from san.methods.anatomy import ALL_POSITIONS, BLOCK_POSITIONS, GLOBAL_POSITIONS, transformer_anatomy
-from san.methods.base import MethodConfig, PeftModel
+from san.methods.anatomy import ALL_POSITIONS, TARGETS, transformer_anatomy
+from san.methods.base import MethodConfig, PeftModel, UnsupportedBackboneError
 from san.methods.registry import register_method
-from san.methods.scaling import PropagatedLinear, ScaledOutput, fold_all, replace_module
+from san.methods.scaling import NormAffineScale, PropagatedLinear, ScaledOutput, fold_all, replace_module
 
+# Presets name every edge of the reading; on a given architecture the edges whose
+# positions it lacks are left out (ConvNeXt has no qkv, ViT no downsample_norm).
 EDGE_PRESETS = {
-    "reading_a": ["norm1->qkv", "norm2->fc1", "fc1->fc2", "qkv.v->proj"],
+    "reading_a": ["norm1->qkv", "norm2->fc1", "fc1->fc2", "qkv.v->proj",  # pre-norm transformer blocks
+                  "norm_dw->fc1",  # ConvNeXt block: norm -> fc1 (fc1->fc2 as above)
+                  "downsample_norm->reduction",  # Swin PatchMerging
+                  "downsample_norm->downsample_conv",  # ConvNeXt stage transition (conv input channels)
+                  "expand_bn->dw_conv", "dw_bn->project_conv"],  # EfficientNet, across the ReLU6
     "reading_b": ["patch_embed->qkv", "proj->fc1", "fc1->fc2"],
     "none": [],
 }
+# Named position sets; like edge presets they are filtered to what an architecture has,
+# while an explicit list must exist as written.
+POSITION_PRESETS = {"all": list(ALL_POSITIONS), "reading_b": ["patch_embed", "qkv", "proj", "fc1", "fc2"]}
 # source.part -> (start, stop) as fractions of the source width; qkv is [q | k | v].
 SLICES = {"v": (2, 3)}
 INFERENCE_MODES = ("both", "features_only", "weights_only")
@@ -35,9 +44,10 @@ INFERENCE_MODES = ("both", "features_only", "weights_only")
 
 @dataclass
 class SANConfig(MethodConfig):
-    positions: list[str] = field(
-        default_factory=lambda: list(ALL_POSITIONS),
-        metadata={"help": f"Outputs that get a scale vector; any of {list(ALL_POSITIONS)}."})
+    positions: list[str] | str = field(
+        default="all",
+        metadata={"help": f"Outputs that get a scale vector: a preset ('all': SSF's positions on the "
+                          f"architecture; 'reading_b') or a list from {list(ALL_POSITIONS)}."})
     shift: bool = field(default=True, metadata={"help": "Add a shift vector beside each scale (SSF's beta)."})
     init_std: float = field(
         default=0.02, metadata={"help": "Scales ~ N(1, std), shifts ~ N(0, std); 0 starts at the identity."})
@@ -64,28 +74,38 @@ class SANConfig(MethodConfig):
                           "weights = propagated synapse scaling)."})
 
     def __post_init__(self):
-        unknown = sorted(set(self.positions) - set(ALL_POSITIONS))
+        if isinstance(self.positions, str) and self.positions not in POSITION_PRESETS:
+            raise ValueError(f"unknown position preset {self.positions!r}; accepted: {sorted(POSITION_PRESETS)}")
+        unknown = sorted(set(self.position_list()) - set(ALL_POSITIONS))
         if unknown:
             raise ValueError(f"unknown SAN positions {unknown}; accepted: {list(ALL_POSITIONS)}")
-        if isinstance(self.edges, str):
-            if self.edges not in EDGE_PRESETS:
-                raise ValueError(f"unknown edge preset {self.edges!r}; accepted: {sorted(EDGE_PRESETS)}")
-            self.edges = list(EDGE_PRESETS[self.edges])
-        for edge in self.edges:
+        if isinstance(self.edges, str) and self.edges not in EDGE_PRESETS:
+            raise ValueError(f"unknown edge preset {self.edges!r}; accepted: {sorted(EDGE_PRESETS)}")
+        for edge in self.edge_list():
             source, _, target = edge.partition("->")
             source_position, _, part = source.partition(".")
-            if source_position not in self.positions:
+            if source_position not in self.position_list() and not isinstance(self.edges, str):
                 raise ValueError(f"edge {edge!r}: source {source_position!r} has no scale; positions are {self.positions}")
-            if target not in BLOCK_POSITIONS or target.startswith("norm"):
-                raise ValueError(f"edge {edge!r}: target must be a linear block position (qkv, proj, fc1, fc2)")
+            if target not in TARGETS:
+                raise ValueError(f"edge {edge!r}: target must be one of {list(TARGETS)}")
             if part and part not in SLICES:
                 raise ValueError(f"edge {edge!r}: unknown slice {part!r}; accepted: {sorted(SLICES)}")
         if self.qkv_to_proj not in ("v_slice", "interpolate"):
             raise ValueError(f"qkv_to_proj must be 'v_slice' or 'interpolate', not {self.qkv_to_proj!r}")
         if self.inference_mode not in INFERENCE_MODES:
             raise ValueError(f"unknown inference_mode {self.inference_mode!r}; accepted: {list(INFERENCE_MODES)}")
-        if self.propagate_into_head and "norm" not in self.positions:
+        if self.propagate_into_head and "norm" not in self.position_list():
             raise ValueError("propagate_into_head needs a scale at the final 'norm' position")
+
+    def position_list(self) -> list[str]:
+        return list(POSITION_PRESETS[self.positions]) if isinstance(self.positions, str) else list(self.positions)
+
+    def edge_list(self) -> list[str]:
+        return list(EDGE_PRESETS[self.edges]) if isinstance(self.edges, str) else list(self.edges)
+
+
+def _input_width(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
 
 
 class SANModel(PeftModel):
@@ -94,45 +114,86 @@ class SANModel(PeftModel):
     def _adapt(self, model: nn.Module) -> None:
         cfg = self.config
         anatomy = transformer_anatomy(model, self.method_name)
-        self.scales: list[ScaledOutput] = []
+        available = anatomy.positions
+        positions = set(cfg.position_list())
+        missing = sorted(positions - available)
+        # a preset is a menu filtered to the architecture; an explicit list must exist as written
+        if missing and not isinstance(cfg.positions, str):
+            raise UnsupportedBackboneError(
+                f"{self.method_name}: {anatomy.architecture} has no position(s) {missing}; it has {sorted(available)}")
+        positions &= available
+        if not positions:
+            raise UnsupportedBackboneError(
+                f"{self.method_name}: none of its positions {cfg.position_list()} exist on {anatomy.architecture} "
+                f"(which has {sorted(available)})")
+        edges = self._edges_for(anatomy, positions)
+        self.scales: list[ScaledOutput | NormAffineScale] = []
         self.propagations: list[PropagatedLinear] = []
         self.norm_affines: list[nn.Parameter] = []
 
-        def scaled(module: nn.Module) -> ScaledOutput:
-            wrapper = ScaledOutput(module, cfg.shift, cfg.init_std)
-            replace_module(model, module, wrapper)
+        def scaled(module: nn.Module) -> ScaledOutput | NormAffineScale:
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                wrapper = NormAffineScale(module, cfg.shift, cfg.init_std)  # before the fused activation
+            else:
+                wrapper = ScaledOutput(module, cfg.shift, cfg.init_std)
+                replace_module(model, module, wrapper)
             self.scales.append(wrapper)
             return wrapper
 
-        global_scales = {name: scaled(module) for name, module in anatomy.global_modules.items()
-                         if name in cfg.positions}
-        block_scales = [{name: scaled(module) for name, module in block.items() if name in cfg.positions}
-                        for block in anatomy.blocks]
+        global_scales = {name: scaled(module) for name, module in anatomy.global_modules.items() if name in positions}
+        block_scales = [{name: scaled(module) for name, module in unit.items() if name in positions}
+                        for unit in anatomy.blocks]
+        stage_scales = [{name: scaled(module) for name, module in unit.items() if name in positions}
+                        for unit in anatomy.stages]
         first_propagating = len(anatomy.blocks) - (cfg.propagate_last_blocks or len(anatomy.blocks))
+        units = [(unit, scales) for index, (unit, scales) in enumerate(zip(anatomy.blocks, block_scales))
+                 if index >= first_propagating]
+        if cfg.propagate_last_blocks is None:
+            units += list(zip(anatomy.stages, stage_scales))
 
-        for index, (block, scales) in enumerate(zip(anatomy.blocks, block_scales)):
-            if index < first_propagating:
-                continue
+        for unit, scales in units:
             sources: dict[str, list] = {}
-            for edge in cfg.edges:
+            for edge in edges:
                 source, _, target = edge.partition("->")
                 position, _, part = source.partition(".")
-                wrapper = global_scales[position] if position in global_scales else scales[position]
+                wrapper = global_scales.get(position) or scales.get(position)
+                if wrapper is None or target not in unit:
+                    continue
                 width = wrapper.gamma.numel()
                 interpolate = position == "qkv" and target == "proj" and cfg.qkv_to_proj == "interpolate"
                 start, stop = 0, width
                 if part and not interpolate:
                     low, high = SLICES[part]
                     start, stop = width * low // 3, width * high // 3
+                if not interpolate and stop - start != _input_width(unit[target]):
+                    continue  # e.g. reading B's patch_embed scale in a later Swin stage of another width
                 sources.setdefault(target, []).append((wrapper, start, stop, interpolate))
             for target, target_sources in sources.items():
-                self._propagate(model, block[target], target_sources)
+                self._propagate(model, unit[target], target_sources)
 
         if cfg.propagate_into_head:
-            self._propagate(model, self.head, [(global_scales["norm"], 0, anatomy.embed_dim, False)])
+            if "norm" not in global_scales:
+                raise UnsupportedBackboneError(f"{self.method_name}: propagate_into_head needs a final norm scale")
+            self._propagate(model, self.head, [(global_scales["norm"], 0, anatomy.head_input_dim, False)])
         if cfg.train_norm_affine:
             self.norm_affines = [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
         self.set_inference_mode(cfg.inference_mode)
+
+    def _edges_for(self, anatomy, positions: set[str]) -> list[str]:
+        """The configured edges that exist here: presets are filtered, explicit lists checked."""
+        kept, missing = [], []
+        for edge in self.config.edge_list():
+            source, _, target = edge.partition("->")
+            source_position = source.partition(".")[0]
+            if source_position in positions and target in anatomy.positions:
+                kept.append(edge)
+            else:
+                missing.append(edge)
+        if missing and not isinstance(self.config.edges, str):
+            raise UnsupportedBackboneError(
+                f"{self.method_name}: edge(s) {missing} need positions {anatomy.architecture} lacks or that have "
+                f"no scale; positions with a scale: {sorted(positions)}")
+        return kept
 
     def _propagate(self, model: nn.Module, linear: nn.Linear, sources: list) -> None:
         propagated = PropagatedLinear(linear, sources, self.config.recalibrate)
@@ -172,8 +233,7 @@ class SANModel(PeftModel):
 
 @dataclass
 class SANEarlyConfig(SANConfig):
-    positions: list[str] = field(default_factory=lambda: ["patch_embed", "qkv", "proj", "fc1", "fc2"],
-                                 metadata={"help": "Reading B's scale positions."})
+    positions: list[str] | str = field(default="reading_b", metadata={"help": "Reading B's scale positions."})
     shift: bool = field(default=False, metadata={"help": "Reading B scales only."})
     init_std: float = field(default=0.0, metadata={"help": "Reading B initialises scales to exactly 1."})
     edges: list[str] | str = field(default="reading_b", metadata={"help": "Reading B's propagation edges."})

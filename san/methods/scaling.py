@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
+from torch.nn.utils import parametrize
 
 # Modules whose output channels sit on axis 1 (NCHW); everything else is channels-last.
 _CHANNEL_FIRST = (nn.Conv2d, nn.BatchNorm2d, LayerNorm2d)
@@ -74,27 +75,93 @@ class ScaledOutput(nn.Module):
         return base
 
 
-class PropagatedLinear(nn.Module):
-    """`F.linear(x, W diag(s), b)`, where `s` multiplies the scales of source layers.
+class NormAffineScale(nn.Module):
+    """SSF's scale and shift on a BatchNorm's output *before* its activation.
 
-    Each source is a (ScaledOutput, start, stop, interpolate) tuple: its gamma, or the slice
-    start:stop of it, or its whole gamma linearly resized to this layer's input width.
-    Sources are held outside the module tree: their parameters belong to their own layers.
+    timm fuses BatchNorm and activation (BatchNormAct2d), so a wrapper around the module
+    would scale after the ReLU6, where folding is not exact. Instead the scale is a
+    reparametrisation of the norm's own affine (torch.nn.utils.parametrize):
+    weight' = gamma * weight, bias' = gamma * bias + beta, which is
+    gamma * BN(x) + beta before the activation. Folding materialises weight' and bias'
+    under the norm's original parameter names.
     """
 
-    def __init__(self, base: nn.Linear, sources: Sequence[tuple[ScaledOutput, int, int, bool]], recalibrate: bool):
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm, shift: bool, init_std: float):
+        super().__init__()
+        if not norm.affine:
+            raise ValueError("cannot scale a BatchNorm without affine parameters")
+        channels = norm.num_features
+        self.gamma = nn.Parameter(torch.ones(channels))
+        self.beta = nn.Parameter(torch.zeros(channels)) if shift else None
+        if init_std:
+            nn.init.normal_(self.gamma, mean=1.0, std=init_std)
+            if self.beta is not None:
+                nn.init.normal_(self.beta, mean=0.0, std=init_std)
+        self.apply_feature_scale = True
+        self.norm = [norm]  # a list: the norm is not a child of its own parametrisation
+        parametrize.register_parametrization(norm, "weight", self, unsafe=True)
+        parametrize.register_parametrization(norm, "bias", _ShiftedBias(self), unsafe=True)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.gamma if self.apply_feature_scale else weight
+
+    @torch.no_grad()
+    def folded(self) -> nn.Module:
+        norm = self.norm[0]
+        parametrize.remove_parametrizations(norm, "weight", leave_parametrized=True)
+        parametrize.remove_parametrizations(norm, "bias", leave_parametrized=True)
+        return norm
+
+
+class _ShiftedBias(nn.Module):
+    def __init__(self, owner: NormAffineScale):
+        super().__init__()
+        self.owner = [owner]  # not a submodule: its parameters belong to the weight's parametrisation
+
+    def forward(self, bias: torch.Tensor) -> torch.Tensor:
+        owner = self.owner[0]
+        if not owner.apply_feature_scale:
+            return bias
+        bias = bias * owner.gamma
+        return bias + owner.beta if owner.beta is not None else bias
+
+
+class PropagatedLinear(nn.Module):
+    """`W diag(s)` applied to the input, where `s` multiplies the scales of source layers.
+
+    The base is a Linear (`F.linear(x, W diag(s), b)`) or a Conv2d, whose input channels
+    are scaled (`W[:, c] *= s_c`; for a depthwise conv input channel c is output channel c,
+    so the vector scales axis 0). Each source is a (ScaledOutput, start, stop, interpolate)
+    tuple: its gamma, or the slice start:stop of it, or its whole gamma linearly resized to
+    this layer's input width. Sources are held outside the module tree: their parameters
+    belong to their own layers.
+    """
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, sources: Sequence[tuple[ScaledOutput, int, int, bool]],
+                 recalibrate: bool):
         super().__init__()
         self.base = base
         self._sources = list(sources)
-        self.recalibration = nn.Parameter(torch.ones(base.in_features)) if recalibrate else None
+        self.recalibration = nn.Parameter(torch.ones(self.in_features)) if recalibrate else None
         self.apply_propagation = True
 
+    @property
+    def plain_base(self) -> nn.Module:
+        """The Linear/Conv2d itself, also when a LoRA layer wraps it (peft's get_base_layer)."""
+        return self.base.get_base_layer() if hasattr(self.base, "get_base_layer") else self.base
+
+    @property
+    def in_features(self) -> int:
+        base = self.plain_base
+        return base.in_features if isinstance(base, nn.Linear) else base.in_channels
+
     def input_scale(self) -> torch.Tensor:
-        scale = torch.ones(self.base.in_features, device=self.base.weight.device, dtype=self.base.weight.dtype)
+        weight = self.plain_base.weight
+        scale = torch.ones(self.in_features, device=weight.device, dtype=weight.dtype)
         for source, start, stop, interpolate in self._sources:
             gamma = source.gamma
             if interpolate:
-                gamma = F.interpolate(gamma.view(1, 1, -1), size=self.base.in_features, mode="linear",
+                gamma = F.interpolate(gamma.view(1, 1, -1), size=self.in_features, mode="linear",
                                       align_corners=True).view(-1)
             else:
                 gamma = gamma[start:stop]
@@ -103,14 +170,28 @@ class PropagatedLinear(nn.Module):
             scale = scale * self.recalibration
         return scale
 
+    def scaled_weight(self) -> torch.Tensor:
+        weight, scale = self.base.weight, self.input_scale()
+        if isinstance(self.base, nn.Linear):
+            return weight * scale
+        depthwise = self.base.groups == self.base.in_channels and weight.shape[1] == 1
+        return weight * (scale.view(-1, 1, 1, 1) if depthwise else scale.view(1, -1, 1, 1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.apply_propagation:
             return self.base(x)
-        return F.linear(x, self.base.weight * self.input_scale(), self.base.bias)
+        if type(self.base) is nn.Linear:
+            return F.linear(x, self.scaled_weight(), self.base.bias)
+        if type(self.base) is nn.Conv2d:
+            return self.base._conv_forward(x, self.scaled_weight(), self.base.bias)
+        # A base that computes more than its weight (a LoRA layer composed with SAN): scale
+        # the input instead, which is the same map, W_eff diag(s) x = W_eff (s * x).
+        channel_shape = (1, -1, 1, 1) if isinstance(self.plain_base, nn.Conv2d) else (-1,)
+        return self.base(x * self.input_scale().view(channel_shape))
 
     @torch.no_grad()
-    def folded(self) -> nn.Linear:
-        self.base.weight.mul_(self.input_scale())
+    def folded(self) -> nn.Module:
+        self.base.weight.copy_(self.scaled_weight())
         return self.base
 
 
@@ -125,11 +206,17 @@ def replace_module(root: nn.Module, target: nn.Module, replacement: nn.Module) -
 
 
 def fold_all(model: nn.Module) -> nn.Module:
-    """Fold every propagation (first: it reads source scales) and then every scale-shift."""
-    for kind in (PropagatedLinear, ScaledOutput):
-        while True:
-            wrapper = next((m for m in model.modules() if isinstance(m, kind)), None)
-            if wrapper is None:
-                break
-            replace_module(model, wrapper, wrapper.folded())
+    """Fold every propagation first (it reads the source scales), then every scale-shift."""
+    _fold_wrappers(model, PropagatedLinear)
+    for norm_scale in [m for m in model.modules() if isinstance(m, NormAffineScale)]:
+        norm_scale.folded()
+    _fold_wrappers(model, ScaledOutput)
     return model
+
+
+def _fold_wrappers(model: nn.Module, kind: type) -> None:
+    while True:
+        wrapper = next((m for m in model.modules() if isinstance(m, kind)), None)
+        if wrapper is None:
+            return
+        replace_module(model, wrapper, wrapper.folded())
