@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo data-demo vtab fgvc sweep tables lock clean-results
+.PHONY: help install test demo data-demo vtab fgvc sweep tables bench lock clean-results
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ fgvc: install ## The full FGVC sweep (same ARGS as vtab)
 
 tables: install ## Tables and plots from every record under results/runs (ARGS="experiment=vtab" for one experiment)
 	$(VENV)/bin/san-report $(ARGS)
+
+bench: data-demo ## Speed/memory ratios in one run (CPU: tiny ViT + EfficientNet-Lite0; ARGS="--backbones vit_b16_in21k" on a GPU)
+	$(VENV)/bin/san-bench $(ARGS)
 
 sweep: install ## Any experiment: make sweep EXPERIMENT=san_ablation ARGS="method=san"
 	$(VENV)/bin/san-sweep experiment=$(EXPERIMENT) $(ARGS)

@@ -30,8 +30,11 @@ def unfused_attention():
 
 
 def count_flops(model: torch.nn.Module, input_size: int) -> int:
+    """Forward FLOPs (matmuls and convs; elementwise scaling is not counted)."""
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # Grad mode stays on: FlopCounterMode's module tracker rejects parameters that reach a
+    # module as arguments under no_grad (VPT's prompts do).
+    with FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, 3, input_size, input_size))
     return counter.get_total_flops()
 

@@ -31,7 +31,7 @@ from san.trainer import Trainer, peak_memory_bytes
 
 # Settings that change where files are or how progress is shown, never the result.
 _NOT_IDENTITY = {("dataset", "root"), ("trainer", "num_workers"), ("trainer", "progress"),
-                 ("trainer", "keep_checkpoint"), ("trainer", "resume")}
+                 ("trainer", "keep_checkpoint"), ("trainer", "resume"), ("trainer", "data_cache")}
 _IDENTITY_GROUPS = ("backbone", "method", "dataset", "protocol", "trainer", "optim")
 
 
@@ -124,10 +124,13 @@ def _run_locked(config: dict[str, Any], run_dir: Path) -> Path:
         record["preprocessing"] = preprocessing.to_dict()
 
         trainer_cfg = config["trainer"]
+        cache_dir = config["paths"]["cache_dir"] if trainer_cfg.get("data_cache", False) else None
+        loader_options = dict(num_workers=trainer_cfg["num_workers"], cache_dir=cache_dir,
+                              progress=trainer_cfg["progress"])
         fit_loader = build_loader(dataset, protocol["fit"], preprocessing, train=True,
-                                  batch_size=trainer_cfg["batch_size"], num_workers=trainer_cfg["num_workers"])
+                                  batch_size=trainer_cfg["batch_size"], **loader_options)
         eval_loader = build_loader(dataset, protocol["evaluate"], preprocessing, train=False,
-                                   batch_size=trainer_cfg["eval_batch_size"], num_workers=trainer_cfg["num_workers"])
+                                   batch_size=trainer_cfg["eval_batch_size"], **loader_options)
         record["splits"].update(fit_images=len(fit_loader.dataset), evaluate_images=len(eval_loader.dataset))
 
         trainer = Trainer(peft, preprocessing, trainer_cfg, config["optim"], config["seed"], run_dir,

@@ -189,6 +189,9 @@ class Trainer:
     def fit(self, fit_loader: DataLoader, eval_loader: DataLoader, eval_role: str,
             on_epoch: Callable[[dict], None] | None = None) -> TrainOutcome:
         cfg = self.cfg
+        for loader in (fit_loader, eval_loader):
+            if hasattr(loader, "to_device"):  # a cached split: copied to the device once
+                loader.to_device(self.device)
         epochs = cfg["epochs"]
         steps_per_epoch = len(fit_loader)
         if cfg["limit_train_batches"]:

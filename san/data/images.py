@@ -61,6 +61,11 @@ TRANSFORMS: dict[str, Callable[[int, str, bool], Callable]] = {
 }
 
 
+def is_deterministic(name: str, train: bool) -> bool:
+    """Whether a transform gives the same pixels every time (so its output can be cached)."""
+    return name == "resize" or not train
+
+
 def build_transform(name: str, size: int, interpolation: str, train: bool) -> Callable:
     if name not in TRANSFORMS:
         raise ValueError(f"unknown transform {name!r}; accepted: {sorted(TRANSFORMS)}")

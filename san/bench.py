@@ -1,0 +1,276 @@
+"""`san-bench`: speed and memory, measured side by side in one process, as ratios.
+
+For each backbone x method: training images/s and peak memory of this suite's training
+step (cached uint8 data on the device, channels_last for convnets, bf16 autocast and
+fused AdamW on a GPU); inference images/s of the unmerged model, the merged model and
+the plain backbone; FLOPs per image (fused attention off, so attention is counted). Then
+the data path (decoded-split cache vs per-step PIL decoding) and the same training step
+through a reference-style pipeline (per-step PIL decode in DataLoader workers, float32,
+default memory format), so the speed-up is a ratio taken on the same machine in the same
+run. Absolute numbers are only meaningful on a GPU; on a CPU read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+import san  # noqa: F401  (registers every method)
+from san.backbones import create_backbone, data_config
+from san.cli.config import compose_config
+from san.data.cache import TensorLoader, decode_split
+from san.data.images import ImageListDataset, build_transform
+from san.data.splits import read_split
+from san.efficiency import flops_per_image
+from san.methods.base import NotMergeableError, UnsupportedBackboneError
+from san.methods.registry import build_method_from_config
+from san.provenance import environment
+from san.records import atomic_write_bytes
+from san.trainer import build_optimizer, resolve_device, resolve_precision
+
+# One method's VTAB-1K protocol: 19 tasks x (8 grid points on 800 images + 3 final seeds on
+# 1,000 images) x 110 epochs.
+VTAB_IMAGE_STEPS = 19 * (8 * 800 + 3 * 1000) * 110
+# Dense bf16 peak of known accelerators (TFLOP/s), for model FLOP utilisation.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(function, iterations: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        function()
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(iterations):
+        function()
+    _sync(device)
+    return (time.perf_counter() - started) / iterations
+
+
+def _config(backbone: str, method: str, input_size: int | None) -> dict[str, Any]:
+    overrides = [f"backbone={backbone}", f"method={method}"] + ([f"backbone.input_size={input_size}"] if input_size else [])
+    config = OmegaConf.to_container(compose_config(overrides), resolve=True)
+    config["backbone"].update(pretrained=False, checkpoint_path=None)  # speed does not depend on weights
+    return config
+
+
+def _build(config: dict[str, Any], device: torch.device, channels_last: bool):
+    model, _ = create_backbone(config["backbone"], 10)
+    peft = build_method_from_config(model, config["method"])
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    peft.model.to(device, memory_format=memory_format)
+    return peft, memory_format
+
+
+def train_step_images_per_s(config, device, batch_size, steps, warmup, *, channels_last, precision) -> tuple[float, int | None]:
+    peft, memory_format = _build(config, device, channels_last)
+    size = data_config(peft.model, config["backbone"]["input_size"]).input_size
+    images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (batch_size,), device=device)
+    optimizer = build_optimizer(peft, config["optim"], device)
+    autocast = torch.autocast(device.type, dtype=precision) if precision else contextlib.nullcontext()
+    peft.set_train_mode(True)
+
+    def step():
+        x = ((images.float() - 127.5) / 127.5).contiguous(memory_format=memory_format)
+        with autocast:
+            loss = F.cross_entropy(peft.model(x).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = _timed(step, steps, warmup, device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return batch_size / seconds, peak
+
+
+def inference_images_per_s(model, device, batch_size, size, steps, warmup, precision, memory_format) -> float:
+    model.eval()
+    x = torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=memory_format)
+    autocast = torch.autocast(device.type, dtype=precision) if precision else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def forward():
+        with autocast:
+            model(x)
+
+    return batch_size / _timed(forward, steps, warmup, device)
+
+
+def reference_pipeline_images_per_s(config, device, task_dir: Path, batch_size: int, steps: int, workers: int) -> float:
+    """The usual research-code step: PIL decode + resize per step in DataLoader workers, float32."""
+    peft, _ = _build(config, device, channels_last=False)
+    preprocessing = data_config(peft.model, config["backbone"]["input_size"])
+    dataset = {"name": task_dir.name, "format": "vtab_folder", "root": str(task_dir.parent), "folder": task_dir.name,
+               "num_classes": 10,
+               "splits": {"train": "train800"}}
+    transform = build_transform("resize", preprocessing.input_size, preprocessing.interpolation, True)
+    loader = torch.utils.data.DataLoader(ImageListDataset(read_split(dataset, "train"), transform),
+                                         batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
+    optimizer = build_optimizer(peft, config["optim"], device)
+    peft.set_train_mode(True)
+    seen, started = 0, None
+    for index, (images, labels) in enumerate(loader):
+        if index == 1:  # the first batch pays for worker start-up
+            _sync(device)
+            started, seen = time.perf_counter(), 0
+        x = (images.to(device).float() - 127.5) / 127.5
+        loss = F.cross_entropy(peft.model(x), labels.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += labels.numel()
+        if index >= steps:
+            break
+    _sync(device)
+    return seen / (time.perf_counter() - started)
+
+
+def data_path_images_per_s(task_dir: Path, size: int, batch_size: int, workers: int) -> dict[str, float]:
+    dataset = {"name": task_dir.name, "format": "vtab_folder", "root": str(task_dir.parent), "folder": task_dir.name,
+               "num_classes": 10,
+               "splits": {"train": "train800"}}
+    examples = read_split(dataset, "train")
+    transform = build_transform("resize", size, "bicubic", True)
+    loader = torch.utils.data.DataLoader(ImageListDataset(examples, transform), batch_size=batch_size,
+                                         shuffle=True, num_workers=workers)
+    started = time.perf_counter()
+    count = sum(labels.numel() for _, labels in loader)
+    per_step_decode = count / (time.perf_counter() - started)
+    images, labels = decode_split(examples, transform, progress=False)
+    cached = TensorLoader(images, labels, batch_size, shuffle=True)
+    started = time.perf_counter()
+    count = sum(batch_labels.numel() for _, batch_labels in cached)
+    return {"pil_dataloader": per_step_decode, "cached_tensor": count / (time.perf_counter() - started)}
+
+
+def run_bench(backbones: list[str], methods: list[str], batch_size: int, steps: int, warmup: int,
+              input_size: int | None, task_dir: Path | None, workers: int, device_name: str = "auto") -> dict:
+    device = resolve_device(device_name)
+    precision = resolve_precision("auto", device)
+    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items()
+                        if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                               else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+                               "precision": str(precision or "float32"), "batch_size": batch_size, "steps": steps,
+                               "env": environment(), "rows": []}
+    for backbone in backbones:
+        for method in methods:
+            config = _config(backbone, method, input_size)
+            channels_last = bool(config["backbone"].get("channels_last"))
+            row: dict[str, Any] = {"backbone": backbone, "method": method}
+            try:
+                row["train_images_per_s"], row["peak_train_memory_bytes"] = train_step_images_per_s(
+                    config, device, batch_size, steps, warmup, channels_last=channels_last, precision=precision)
+            except UnsupportedBackboneError as error:
+                row["unsupported"] = str(error)
+                results["rows"].append(row)
+                continue
+            peft, memory_format = _build(config, device, channels_last)
+            size = data_config(peft.model, config["backbone"]["input_size"]).input_size
+            row["input_size"] = size
+            row["params_trainable_without_head"] = peft.parameter_counts()["trainable_without_head"]
+            row["gflops_per_image"] = flops_per_image({**config, "dataset": {"num_classes": 10}}) / 1e9
+            measure = dict(device=device, batch_size=batch_size, size=size, steps=steps, warmup=warmup,
+                           precision=precision, memory_format=memory_format)
+            row["inference_unmerged"] = inference_images_per_s(peft.model, **measure)
+            try:
+                row["inference_merged"] = inference_images_per_s(peft.merge(), **measure)
+            except NotMergeableError:
+                row["inference_merged"] = None
+            plain, _ = _build(_config(backbone, "linear", input_size), device, channels_last)
+            row["inference_plain"] = inference_images_per_s(plain.model, **measure)
+            row["merged_vs_plain"] = row["inference_merged"] / row["inference_plain"] if row["inference_merged"] else None
+            training_flops = 3 * row["gflops_per_image"] * 1e9 * row["train_images_per_s"]
+            row["model_flop_utilisation"] = training_flops / (peak_tflops * 1e12) if peak_tflops else None
+            row["extrapolated_vtab_sweep_hours"] = VTAB_IMAGE_STEPS / row["train_images_per_s"] / 3600
+            if task_dir is not None:
+                reference = reference_pipeline_images_per_s(config, device, task_dir, batch_size, steps, workers)
+                row["reference_pipeline_images_per_s"] = reference
+                row["speedup_vs_reference"] = row["train_images_per_s"] / reference
+            results["rows"].append(row)
+            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    if task_dir is not None:
+        measured = [row["input_size"] for row in results["rows"] if "input_size" in row]
+        size = input_size or (measured[0] if measured else 224)
+        results["data_path"] = data_path_images_per_s(task_dir, size, batch_size, workers)
+        results["data_path"]["input_size"] = size
+    return results
+
+
+def to_markdown(results: dict) -> str:
+    def number(value, digits=1):
+        return "—" if value is None else f"{value:,.{digits}f}"
+
+    lines = [f"Device: {results['device']}; precision {results['precision']}; batch {results['batch_size']}.", "",
+             "| backbone | method | params (M) | GFLOPs/img | train img/s | peak train mem (GiB) | infer unmerged | "
+             "infer merged | infer plain | merged/plain | reference img/s | speed-up | MFU | VTAB sweep (h, extrapolated) |",
+             "|---|---|" + "---:|" * 12]
+    for row in results["rows"]:
+        if "unsupported" in row:
+            lines.append(f"| {row['backbone']} | {row['method']} | unsupported |" + " |" * 11)
+            continue
+        memory = row["peak_train_memory_bytes"]
+        lines.append(
+            f"| {row['backbone']} | {row['method']} | {row['params_trainable_without_head'] / 1e6:.3f} | "
+            f"{number(row['gflops_per_image'], 3)} | {number(row['train_images_per_s'])} | "
+            f"{number(memory / 2**30 if memory else None, 2)} | {number(row['inference_unmerged'])} | "
+            f"{number(row['inference_merged'])} | {number(row['inference_plain'])} | {number(row['merged_vs_plain'], 3)} | "
+            f"{number(row.get('reference_pipeline_images_per_s'))} | {number(row.get('speedup_vs_reference'), 2)} | "
+            f"{number(row['model_flop_utilisation'], 3)} | {number(row['extrapolated_vtab_sweep_hours'], 1)} |")
+    if "data_path" in results:
+        data = results["data_path"]
+        lines += ["", f"Data path at {data['input_size']} px: cached tensor {data['cached_tensor']:,.0f} img/s vs "
+                      f"per-step PIL decode {data['pil_dataloader']:,.0f} img/s "
+                      f"({data['cached_tensor'] / data['pil_dataloader']:.1f}x)."]
+    lines += ["", "Peak memory is measured on a GPU only (torch.cuda.max_memory_allocated). The reference pipeline decodes "
+                  "PNGs with PIL in DataLoader workers at every step and trains in float32 without channels_last."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="san-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", nargs="+", default=["test_vit", "effnet_lite0"])
+    parser.add_argument("--methods", nargs="+", default=["linear", "bitfit", "ssf", "san", "lora", "full"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--input-size", type=int, default=None, help="override the backbones' input size")
+    parser.add_argument("--task", type=Path, default=Path("data/demo/digits"),
+                        help="a VTAB-format task for the data-path and reference-pipeline measurements")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference pipeline")
+    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    task = args.task if (args.task / "train800.txt").is_file() else None
+    if task is None:
+        print(f"no task at {args.task} (make data-demo): skipping the data-path and reference measurements")
+    results = run_bench(args.backbones, args.methods, args.batch_size, args.steps, args.warmup, args.input_size,
+                        task, args.workers)
+    stem = args.out / time.strftime("bench-%Y%m%d-%H%M%S")
+    atomic_write_bytes(stem.with_suffix(".json"), (json.dumps(results, indent=2, default=str) + "\n").encode())
+    table = to_markdown(results)
+    atomic_write_bytes(stem.with_suffix(".md"), table.encode())
+    print(table)
+    print(f"written: {stem}.json, {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
