@@ -104,6 +104,35 @@ def train_step_images_per_s(config, device, batch_size, steps, warmup, *, channe
     return batch_size / seconds, peak
 
 
+def _concurrent_worker(args) -> float:
+    config, device_name, batch_size, steps, warmup, channels_last, threads = args
+    if threads:
+        torch.set_num_threads(threads)
+    device = resolve_device(device_name)
+    images_per_s, _ = train_step_images_per_s(config, device, batch_size, steps, warmup, channels_last=channels_last,
+                                              precision=resolve_precision("auto", device))
+    return images_per_s
+
+
+def concurrent_runs_images_per_s(config, device, batch_size, steps, warmup, channels_last, runs: int) -> dict:
+    """Total training images/s of `runs` processes sharing one device, vs one process alone.
+
+    VTAB-1K runs at batch 64 rarely fill a GPU; this says whether the sweep should place
+    several on one device (launcher=local_parallel launcher.runs_per_device=K)."""
+    import concurrent.futures
+    import multiprocessing
+
+    threads = max(1, torch.get_num_threads() // runs) if device.type == "cpu" else 0
+    job = (config, str(device), batch_size, steps, warmup, channels_last, threads)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        single = pool.submit(_concurrent_worker, job[:-1] + (0,)).result()
+    with concurrent.futures.ProcessPoolExecutor(runs, mp_context=context) as pool:
+        together = sum(pool.map(_concurrent_worker, [job] * runs))
+    return {"runs": runs, "single_images_per_s": single, "concurrent_total_images_per_s": together,
+            "gain": together / single}
+
+
 def inference_images_per_s(model, device, batch_size, size, steps, warmup, precision, memory_format) -> float:
     model.eval()
     x = torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=memory_format)
@@ -165,7 +194,8 @@ def data_path_images_per_s(task_dir: Path, size: int, batch_size: int, workers: 
 
 
 def run_bench(backbones: list[str], methods: list[str], batch_size: int, steps: int, warmup: int,
-              input_size: int | None, task_dir: Path | None, workers: int, device_name: str = "auto") -> dict:
+              input_size: int | None, task_dir: Path | None, workers: int, device_name: str = "auto",
+              concurrent_runs: int = 0) -> dict:
     device = resolve_device(device_name)
     precision = resolve_precision("auto", device)
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items()
@@ -212,6 +242,11 @@ def run_bench(backbones: list[str], methods: list[str], batch_size: int, steps: 
                 row["speedup_vs_reference"] = row["train_images_per_s"] / reference
             results["rows"].append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    if concurrent_runs > 1:
+        first = next(row for row in results["rows"] if "input_size" in row)
+        config = _config(first["backbone"], first["method"], input_size)
+        results["concurrent"] = {"backbone": first["backbone"], "method": first["method"], **concurrent_runs_images_per_s(
+            config, device, batch_size, steps, warmup, bool(config["backbone"].get("channels_last")), concurrent_runs)}
     if task_dir is not None:
         measured = [row["input_size"] for row in results["rows"] if "input_size" in row]
         size = input_size or (measured[0] if measured else 224)
@@ -245,6 +280,11 @@ def to_markdown(results: dict) -> str:
         lines += ["", f"Data path at {data['input_size']} px: cached tensor {data['cached_tensor']:,.0f} img/s vs "
                       f"per-step PIL decode {data['pil_dataloader']:,.0f} img/s "
                       f"({data['cached_tensor'] / data['pil_dataloader']:.1f}x)."]
+    if "concurrent" in results:
+        c = results["concurrent"]
+        lines += ["", f"Several runs on one device ({c['backbone']} x {c['method']}): {c['runs']} processes together "
+                      f"{c['concurrent_total_images_per_s']:,.0f} img/s vs one alone {c['single_images_per_s']:,.0f} img/s "
+                      f"({c['gain']:.2f}x)."]
     lines += ["", "Peak memory is measured on a GPU only (torch.cuda.max_memory_allocated). The reference pipeline decodes "
                   "PNGs with PIL in DataLoader workers at every step and trains in float32 without channels_last."]
     return "\n".join(lines) + "\n"
@@ -262,13 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", type=Path, default=Path("data/demo/digits"),
                         help="a VTAB-format task for the data-path and reference-pipeline measurements")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference pipeline")
+    parser.add_argument("--concurrent", type=int, default=2,
+                        help="also time this many training processes sharing the device (0: skip)")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     task = args.task if (args.task / "train800.txt").is_file() else None
     if task is None:
         print(f"no task at {args.task} (make data-demo): skipping the data-path and reference measurements")
     results = run_bench(args.backbones, args.methods, args.batch_size, args.steps, args.warmup, args.input_size,
-                        task, args.workers)
+                        task, args.workers, concurrent_runs=args.concurrent)
     stem = args.out / time.strftime("bench-%Y%m%d-%H%M%S")
     atomic_write_bytes(stem.with_suffix(".json"), (json.dumps(results, indent=2, default=str) + "\n").encode())
     table = to_markdown(results)

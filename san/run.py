@@ -31,7 +31,8 @@ from san.trainer import Trainer, peak_memory_bytes
 
 # Settings that change where files are or how progress is shown, never the result.
 _NOT_IDENTITY = {("dataset", "root"), ("trainer", "num_workers"), ("trainer", "progress"),
-                 ("trainer", "keep_checkpoint"), ("trainer", "resume"), ("trainer", "data_cache")}
+                 ("trainer", "keep_checkpoint"), ("trainer", "resume"), ("trainer", "data_cache"),
+                 ("trainer", "compile")}
 _IDENTITY_GROUPS = ("backbone", "method", "dataset", "protocol", "trainer", "optim")
 
 

@@ -70,13 +70,34 @@ def _write(path: Path, text: str, output: ReportOutput) -> None:
     output.files.append(path)
 
 
+def latest_bench(bench_dir: Path) -> tuple[dict | None, Path | None]:
+    files = sorted(Path(bench_dir).glob("bench-*.json"))
+    return (json.loads(files[-1].read_text()), files[-1]) if files else (None, None)
+
+
+def add_bench_columns(efficiency: pd.DataFrame, backbone: str, bench_dir: Path | None) -> str | None:
+    """Inference unmerged / merged / plain from the latest `make bench` run, when it measured this backbone."""
+    bench, path = latest_bench(bench_dir) if bench_dir else (None, None)
+    if bench is None or efficiency.empty:
+        return None
+    rows = {r["method"]: r for r in bench["rows"] if r["backbone"] == backbone and "input_size" in r}
+    if not rows:
+        return None
+    for key, column in (("inference_unmerged", "infer unmerged img/s (bench)"),
+                        ("inference_merged", "infer merged img/s (bench)"),
+                        ("inference_plain", "infer plain img/s (bench)")):
+        efficiency[column] = [rows.get(m, {}).get(key) for m in efficiency.index]
+    return f"inference columns marked (bench) from {path} ({bench['device']}, batch {bench['batch_size']})"
+
+
 def write_table(table: SuiteTable, stem: Path, output: ReportOutput, fill_hint: str, flops: dict | None,
-                frame: pd.DataFrame, with_plots: bool = True) -> None:
+                frame: pd.DataFrame, with_plots: bool = True, bench_dir: Path | None = None) -> None:
     _write(stem.with_suffix(".md"), render.to_markdown(table), output)
     _write(stem.with_suffix(".tex"), render.to_latex(table), output)
     _write(stem.with_suffix(".csv"), render.to_csv(table), output)
     efficiency = efficiency_frame(frame, flops)
-    title = f"Efficiency: {table.title} ({table.backbone})"
+    bench_note = add_bench_columns(efficiency, table.backbone, bench_dir)
+    title = f"Efficiency: {table.title} ({table.backbone})" + (f"; {bench_note}" if bench_note else "")
     efficiency_stem = stem.with_name(stem.name + "_efficiency")
     _write(efficiency_stem.with_suffix(".md"), render.frame_to_markdown(efficiency, title), output)
     _write(efficiency_stem.with_suffix(".tex"), render.frame_to_latex(efficiency, title), output)
@@ -115,7 +136,7 @@ def report_runs_dir(runs_dir: Path, out_dir: Path, with_flops: bool = True, with
                                   published=published, published_source=source)
         write_table(table, out_dir / f"{suite}_{backbone}", output,
                     f"san-sweep experiment={suite} backbone={backbone} method={{method}} dataset={{task}}",
-                    _flops(frame) if with_flops else None, frame, with_plots)
+                    _flops(frame) if with_flops else None, frame, with_plots, Path(runs_dir).parent / "bench")
     return output
 
 
@@ -148,5 +169,6 @@ def report_experiment(overrides: list[str], out_dir: Path | None = None, with_fl
     table.backbone = plan.backbone
     hint = f"san-sweep experiment={plan.name} backbone={plan.backbone} method={{method}} dataset={{task}}"
     write_table(table, out_dir / f"{plan.name}_{plan.backbone}", output, hint,
-                _flops(loaded.frame) if with_flops and not loaded.frame.empty else None, loaded.frame, with_plots)
+                _flops(loaded.frame) if with_flops and not loaded.frame.empty else None, loaded.frame, with_plots,
+                plan.results_dir / "bench")
     return output
