@@ -87,7 +87,9 @@ def add_bench_columns(efficiency: pd.DataFrame, backbone: str, bench_dir: Path |
                         ("inference_merged", "infer merged img/s (bench)"),
                         ("inference_plain", "infer plain img/s (bench)")):
         efficiency[column] = [rows.get(m, {}).get(key) for m in efficiency.index]
-    return f"inference columns marked (bench) from {path} ({bench['device']}, batch {bench['batch_size']})"
+    sizes = sorted({r["input_size"] for r in rows.values()})
+    return (f"inference columns marked (bench) from {path} ({bench['device']}, batch {bench['batch_size']}, "
+            f"{'/'.join(map(str, sizes))} px)")
 
 
 def write_table(table: SuiteTable, stem: Path, output: ReportOutput, fill_hint: str, flops: dict | None,
