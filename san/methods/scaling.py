@@ -27,6 +27,17 @@ def output_channels(module: nn.Module) -> int:
     raise TypeError(f"cannot scale the output of {type(module).__name__}")
 
 
+def scale_shift_parameters(channels: int, shift: bool, init_std: float) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """SSF's vectors: gamma ~ N(1, std), beta ~ N(0, std) (exactly 1 and 0 when std is 0)."""
+    gamma = nn.Parameter(torch.ones(channels))
+    beta = nn.Parameter(torch.zeros(channels)) if shift else None
+    if init_std:
+        nn.init.normal_(gamma, mean=1.0, std=init_std)
+        if beta is not None:
+            nn.init.normal_(beta, mean=0.0, std=init_std)
+    return gamma, beta
+
+
 class ScaledOutput(nn.Module):
     """`base(x) * gamma + beta` per output channel; `beta` only when shifting."""
 
@@ -35,12 +46,7 @@ class ScaledOutput(nn.Module):
         channels = output_channels(base)
         self.base = base
         self.channel_dim = 1 if isinstance(base, _CHANNEL_FIRST) else -1
-        self.gamma = nn.Parameter(torch.ones(channels))
-        self.beta = nn.Parameter(torch.zeros(channels)) if shift else None
-        if init_std:
-            nn.init.normal_(self.gamma, mean=1.0, std=init_std)
-            if self.beta is not None:
-                nn.init.normal_(self.beta, mean=0.0, std=init_std)
+        self.gamma, self.beta = scale_shift_parameters(channels, shift, init_std)
         # Switched off only by SAN's "weights only" inference ablation.
         self.apply_feature_scale = True
 
@@ -91,12 +97,7 @@ class NormAffineScale(nn.Module):
         if not norm.affine:
             raise ValueError("cannot scale a BatchNorm without affine parameters")
         channels = norm.num_features
-        self.gamma = nn.Parameter(torch.ones(channels))
-        self.beta = nn.Parameter(torch.zeros(channels)) if shift else None
-        if init_std:
-            nn.init.normal_(self.gamma, mean=1.0, std=init_std)
-            if self.beta is not None:
-                nn.init.normal_(self.beta, mean=0.0, std=init_std)
+        self.gamma, self.beta = scale_shift_parameters(channels, shift, init_std)
         self.apply_feature_scale = True
         self.norm = [norm]  # a list: the norm is not a child of its own parametrisation
         parametrize.register_parametrization(norm, "weight", self, unsafe=True)
