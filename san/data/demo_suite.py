@@ -9,15 +9,14 @@ location), how it is turned (dsprites orientation), and how many objects there a
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from san.data.vtab_folder import write_task_folder
 
 IMAGE_SIZE = 64
 SPLIT_SIZES = {"train800": 800, "val200": 200}
@@ -116,40 +115,13 @@ def _examples(task: str) -> list[tuple[Image.Image, int]]:
 
 
 def write_task(task: str, out_root: Path) -> Path:
-    """Write one task; built in a temporary folder and renamed, so a crash leaves no half task."""
+    """Write one task (skipped when already complete); see vtab_folder.write_task_folder."""
     final = out_root / task
     if (final / "manifest.json").is_file():
         return final
-    staging = out_root / f".{task}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
     examples = _examples(task)
-    boundaries = {"train800": (0, 800), "val200": (800, 1000), "test": (1000, len(examples))}
-    lines: dict[str, list[str]] = {}
-    image_hash = hashlib.sha256()
-    for split, (start, stop) in boundaries.items():
-        (staging / "images" / split).mkdir(parents=True)
-        lines[split] = []
-        for index, (image, label) in enumerate(examples[start:stop]):
-            relative = f"images/{split}/{index:06d}.png"
-            image.save(staging / relative, format="PNG")
-            image_hash.update((staging / relative).read_bytes())
-            lines[split].append(f"{relative} {label}")
-    lines["train800val200"] = lines["train800"] + lines["val200"]
-    for split, split_lines in lines.items():
-        (staging / f"{split}.txt").write_text("\n".join(split_lines) + "\n")
-    labels = [label for _, label in examples]
-    manifest = {
-        "task": task,
-        "num_classes": TASKS[task][1],
-        "counts": {split: len(split_lines) for split, split_lines in lines.items()},
-        "class_histogram": np.bincount(labels, minlength=TASKS[task][1]).tolist(),
-        "images_sha256": image_hash.hexdigest(),
-        "generator": "san.data.demo_suite",
-    }
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
-    return final
+    splits = {"train800": examples[:800], "val200": examples[800:1000], "test": examples[1000:]}
+    return write_task_folder(out_root, task, splits, TASKS[task][1], {"generator": "san.data.demo_suite"})
 
 
 def write_demo_suite(out_root: str | Path, tasks: list[str] | None = None) -> list[Path]:
