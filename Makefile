@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo data-demo vtab fgvc sweep tables bench lock clean-results
+.PHONY: help install test demo data-demo data-vtab data-verify vtab fgvc sweep tables bench lock clean-results
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -32,6 +32,12 @@ test: install ## Run the test suite (offline)
 
 data-demo: install ## Generate the offline demo suite under data/demo
 	$(VENV)/bin/san-prepare demo --out data/demo
+
+data-vtab: install ## Export VTAB-1K from tensorflow-datasets as PNG folders under data/vtab-1k (ARGS="--tasks cifar dtd --tfds-dir ...")
+	$(VENV)/bin/san-prepare vtab --out data/vtab-1k $(ARGS)
+
+data-verify: install ## Verify the task folders under data/vtab-1k (counts, labels, manifests, JPEG copies)
+	$(VENV)/bin/san-prepare verify data/vtab-1k $(ARGS)
 
 demo: data-demo ## The whole protocol (tune -> select -> final) on the offline demo suite with EfficientNet-Lite0
 	$(VENV)/bin/san-sweep experiment=demo $(ARGS)

@@ -15,6 +15,12 @@ def _demo(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _vtab(args: argparse.Namespace) -> None:
+    from san.data.vtab_export import export_vtab
+
+    export_vtab(args.out, args.tasks, args.tfds_dir)
+
+
 def _verify(args: argparse.Namespace) -> None:
     from san.data.vtab_folder import canonical_task_name, verify_task_folder
     from san.data.vtab_spec import TASKS as VTAB_TASKS
@@ -55,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
     demo.add_argument("--tasks", nargs="*", choices=sorted(TASKS), help="tasks to write (default: all)")
     demo.set_defaults(handler=_demo)
+    from san.data.vtab_spec import TASKS as VTAB_TASKS
+
+    vtab = commands.add_parser("vtab", help="export VTAB-1K from tensorflow-datasets as PNG folders (pip install '.[tfds]')")
+    vtab.add_argument("--out", default="data/vtab-1k", help="output folder (default: data/vtab-1k)")
+    vtab.add_argument("--tasks", nargs="*", choices=sorted(VTAB_TASKS), help="tasks to export (default: all 19)")
+    vtab.add_argument("--tfds-dir", default=None, help="tfds data_dir (default: tfds's own, ~/tensorflow_datasets)")
+    vtab.set_defaults(handler=_vtab)
     verify = commands.add_parser("verify", help="check VTAB-1K task folders: counts, labels, manifests, JPEG copies")
     verify.add_argument("root", help="folder holding one sub-folder per task (e.g. data/vtab-1k)")
     verify.add_argument("--decode", action="store_true", help="also decode every image (finds truncated files)")

@@ -34,6 +34,7 @@ class TaskSpec:
     num_classes: int
     label: str  # a key of LABEL_RULES
     grey: bool = False  # single-channel images tiled to RGB (dsprites, smallnorb)
+    binary: bool = False  # 0/1 pixel values scaled to 0/255 (dsprites)
     manual_download: str | None = None
 
 
@@ -81,10 +82,11 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in [
                                       "test": Slice("test")}, 4, "kitti_distance"),
     TaskSpec("dsprites_loc", "dsprites:2.*.*", {"train800": Slice("train", 0, 800),
                                                 "val200": Slice("train", 589824, 590024),
-                                                "test": Slice("train", 663552)}, 16, "dsprites_location", grey=True),
+                                                "test": Slice("train", 663552)}, 16, "dsprites_location", grey=True, binary=True),
     TaskSpec("dsprites_ori", "dsprites:2.*.*", {"train800": Slice("train", 0, 800),
                                                 "val200": Slice("train", 589824, 590024),
-                                                "test": Slice("train", 663552)}, 16, "dsprites_orientation", grey=True),
+                                                "test": Slice("train", 663552)}, 16, "dsprites_orientation", grey=True,
+             binary=True),
     TaskSpec("smallnorb_azi", "smallnorb:2.*.*", {"train800": Slice("train", 0, 800), "val200": Slice("test", 0, 200),
                                                   "test": Slice("test", "50%")}, 18, "smallnorb_azimuth", grey=True),
     TaskSpec("smallnorb_ele", "smallnorb:2.*.*", {"train800": Slice("train", 0, 800), "val200": Slice("test", 0, 200),
