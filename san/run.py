@@ -22,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 import san  # noqa: F401  (registers every method)
 from san.backbones import create_backbone, data_config
 from san.data.loaders import build_loader
+from san.data.splits import task_dir
+from san.data.vtab_folder import verify_task_folder
 from san.locks import run_lock
 from san.loggers import Logger, build_logger
 from san.methods.registry import build_method_from_config, method_label, method_settings
@@ -30,7 +32,7 @@ from san.records import SCHEMA_VERSION, read_record, write_record
 from san.trainer import Trainer, peak_memory_bytes
 
 # Settings that change where files are or how progress is shown, never the result.
-_NOT_IDENTITY = {("dataset", "root"), ("trainer", "num_workers"), ("trainer", "progress"),
+_NOT_IDENTITY = {("dataset", "root"), ("dataset", "verify"), ("trainer", "num_workers"), ("trainer", "progress"),
                  ("trainer", "keep_checkpoint"), ("trainer", "resume"), ("trainer", "data_cache"),
                  ("trainer", "compile")}
 _IDENTITY_GROUPS = ("backbone", "method", "dataset", "protocol", "trainer", "optim")
@@ -54,6 +56,25 @@ def run_dir_for(config: dict[str, Any]) -> Path:
     return (Path(config["paths"]["runs_dir"]) / config["dataset"]["suite"] / config["dataset"]["name"]
             / config["backbone"]["name"] / method_label(config["method"]) / config["protocol"]["stage"]
             / identity(config) / f"seed{config['seed']}")
+
+
+class DatasetVerificationError(ValueError):
+    pass
+
+
+def check_dataset(dataset: dict[str, Any]) -> dict[str, Any]:
+    """Verify a VTAB-format folder before training on it (dataset.verify=false skips, and says so)."""
+    if dataset.get("format") != "vtab_folder":
+        return {"checked": False, "reason": f"no folder check for format {dataset.get('format')!r}"}
+    if not dataset.get("verify", True):
+        return {"checked": False, "reason": "dataset.verify=false"}
+    report = verify_task_folder(task_dir(dataset), dataset["num_classes"])
+    if not report.ok:
+        shown = "\n  ".join(report.problems[:10])
+        raise DatasetVerificationError(
+            f"dataset {dataset['name']!r} failed verification ({len(report.problems)} problem(s)):\n  {shown}\n"
+            f"Re-create it ({dataset.get('prepare_command')}), or set dataset.verify=false to train on it anyway")
+    return {"checked": True, "ok": True, "notes": report.notes}
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -124,6 +145,7 @@ def _run_locked(config: dict[str, Any], run_dir: Path) -> Path:
         preprocessing = data_config(model, config["backbone"]["input_size"])
         record["preprocessing"] = preprocessing.to_dict()
 
+        record["dataset_check"] = check_dataset(dataset)
         trainer_cfg = config["trainer"]
         cache_dir = config["paths"]["cache_dir"] if trainer_cfg.get("data_cache", False) else None
         loader_options = dict(num_workers=trainer_cfg["num_workers"], cache_dir=cache_dir,

@@ -139,3 +139,14 @@ def test_wandb_logger_runs_offline_and_is_optional(tmp_path, tiny_task, monkeypa
     assert read_record(record_path)["status"] == "complete"
     offline_runs = list((record_path.parent / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1
+
+
+def test_training_refuses_a_folder_that_fails_verification_unless_overridden(tmp_path, tiny_task):
+    from san.run import DatasetVerificationError
+
+    # the tiny task has 32 training lines, not VTAB-1K's 800
+    with pytest.raises(DatasetVerificationError, match=r"(?s)train800.txt: 32 lines, VTAB-1K has 800.*dataset.verify=false"):
+        run(compose_config(tiny_overrides(tmp_path, tiny_task, "dataset.verify=true", "debug=fdr")))
+    record = read_record(run(compose_config(tiny_overrides(tmp_path, tiny_task, "debug=fdr"))))
+    assert record["status"] == "complete"
+    assert record["dataset_check"] == {"checked": False, "reason": "dataset.verify=false"}

@@ -50,5 +50,6 @@ def test_mock_export_trains_one_step(tmp_path, compose):
     with tfds.testing.mock_data(num_examples=8):
         folder = export_task("dsprites_loc", tmp_path / "vtab-1k", sizes={"train": 737280}, progress=False)
     cfg = compose(["backbone=test_vit", "method=ssf", "dataset=dsprites_loc", f"paths.root_dir={tmp_path}",
-                   f"dataset.root={folder.parent}", "debug=fdr", "trainer.num_workers=0", "trainer.progress=false"])
+                   f"dataset.root={folder.parent}", "debug=fdr", "trainer.num_workers=0", "trainer.progress=false",
+                   "dataset.verify=false"])  # mock data has mock counts
     assert read_record(run(cfg))["status"] == "complete"

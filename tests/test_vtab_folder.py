@@ -98,3 +98,14 @@ def test_san_prepare_verify_cli(tmp_path, capsys):
     with pytest.raises(SystemExit, match="1 task folder"):
         prepare(["verify", str(written.parent)])
     assert "val200.txt: 1 lines, VTAB-1K has 200" in capsys.readouterr().out
+
+
+def test_readers_find_a_copy_under_another_repositorys_name(tmp_path):
+    from san.data.splits import read_split
+
+    splits = {"train800": _examples(800, 0), "val200": _examples(200, 1), "test": _examples(4, 2)}
+    write_task_folder(tmp_path, "oxford_pet", splits, 37)
+    dataset = {"name": "oxford_iiit_pet", "format": "vtab_folder", "root": str(tmp_path), "folder": "oxford_iiit_pet",
+               "num_classes": 37, "splits": {"test": "test"}}
+    examples = read_split(dataset, "test")
+    assert len(examples) == 4 and "oxford_pet" in str(examples[0].path)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from san.data.vtab_spec import ALIASES
+
 
 class DatasetError(ValueError):
     """A dataset folder or split list is missing or malformed; the message says where."""
@@ -35,7 +37,11 @@ class Example:
 
 
 def task_dir(dataset: Mapping[str, Any]) -> Path:
+    """The task's folder; a copy under another repository's name (cifar100 for cifar) is found too."""
     directory = Path(dataset["root"]) / dataset["folder"]
+    if not directory.is_dir():
+        aliased = [Path(dataset["root"]) / alias for alias, name in sorted(ALIASES.items()) if name == dataset["folder"]]
+        directory = next((path for path in aliased if path.is_dir()), directory)
     if not directory.is_dir():
         prepare = dataset.get("prepare_command") or "see the README's 'Data' section"
         raise MissingDatasetError(

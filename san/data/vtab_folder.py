@@ -23,18 +23,10 @@ from PIL import Image
 
 from san.data.images import CorruptImageError, load_rgb
 from san.data.splits import DatasetError, Example
+from san.data.vtab_spec import ALIASES
 
 LIST_NAMES = ("train800", "val200", "train800val200", "test")
 VTAB_COUNTS = {"train800": 800, "val200": 200, "train800val200": 1000}
-# Folder names other repositories use for the same tasks -> this suite's names.
-ALIASES = {"cifar100": "cifar", "cifar-100": "cifar", "flowers102": "oxford_flowers102",
-           "oxford_flowers": "oxford_flowers102", "pets": "oxford_iiit_pet", "oxford_pet": "oxford_iiit_pet",
-           "svhn_cropped": "svhn", "camelyon": "patch_camelyon", "retinopathy": "diabetic_retinopathy",
-           "resisc": "resisc45", "clevr_distance": "clevr_dist", "dsprites_location": "dsprites_loc",
-           "dsprites_orientation": "dsprites_ori", "smallnorb_azimuth": "smallnorb_azi",
-           "smallnorb_elevation": "smallnorb_ele"}
-
-
 class VerificationError(DatasetError):
     pass
 

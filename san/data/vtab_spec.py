@@ -14,6 +14,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 ROLES = ("train800", "val200", "test")
+# Folder names other repositories use for the same tasks -> this suite's names.
+ALIASES = {"cifar100": "cifar", "cifar-100": "cifar", "flowers102": "oxford_flowers102",
+           "oxford_flowers": "oxford_flowers102", "pets": "oxford_iiit_pet", "oxford_pet": "oxford_iiit_pet",
+           "svhn_cropped": "svhn", "camelyon": "patch_camelyon", "retinopathy": "diabetic_retinopathy",
+           "resisc": "resisc45", "clevr_distance": "clevr_dist", "dsprites_location": "dsprites_loc",
+           "dsprites_orientation": "dsprites_ori", "smallnorb_azimuth": "smallnorb_azi",
+           "smallnorb_elevation": "smallnorb_ele"}
 
 
 @dataclass(frozen=True)
