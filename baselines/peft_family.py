@@ -47,6 +47,17 @@ def auto_targets(model: nn.Module) -> list[str]:
     return [n for n, m in named if isinstance(m, nn.Conv2d) and m.groups == 1 and m.kernel_size == (1, 1)]
 
 
+def adapter_parameters(layers) -> Iterator[nn.Parameter]:
+    """The trainable tensors peft tuner layers declare (their `adapter_layer_names`), found structurally."""
+    for layer in layers:
+        for name in layer.adapter_layer_names:
+            container = getattr(layer, name, None)
+            if container is None or ADAPTER not in container:
+                continue
+            item = container[ADAPTER]
+            yield from ([item] if isinstance(item, nn.Parameter) else item.parameters())
+
+
 @dataclass
 class HFPeftConfig(MethodConfig):
     target_modules: Any = field(
@@ -186,13 +197,7 @@ class HFPeftMethod(PeftModel):
         self._tuner_layers = [m for m in model.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)]
 
     def _method_parameters(self) -> Iterator[nn.Parameter]:
-        for layer in self._tuner_layers:
-            for name in layer.adapter_layer_names:
-                container = getattr(layer, name, None)
-                if container is None or ADAPTER not in container:
-                    continue
-                item = container[ADAPTER]
-                yield from ([item] if isinstance(item, nn.Parameter) else item.parameters())
+        return adapter_parameters(self._tuner_layers)
 
     def _merge_into(self, model: nn.Module) -> nn.Module:
         return self._tuner.merge_and_unload()

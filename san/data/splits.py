@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from san.data.vtab_spec import ALIASES
 
@@ -71,6 +71,21 @@ def _check_manifest(directory: Path, num_classes: int, dataset_name: str) -> Non
             )
 
 
+def list_lines(list_file: Path) -> Iterator[tuple[str, str]]:
+    """(source "file:line", text) for each non-blank line of a split list."""
+    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+        if line.strip():
+            yield f"{list_file}:{number}", line
+
+
+def parse_list_line(line: str, source: str, directory: Path) -> Example:
+    """`<relative image path> <integer label>`; anything else is an error naming the file and line."""
+    parts = line.rsplit(maxsplit=1)
+    if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+        raise DatasetError(f"{source}: expected '<relative image path> <integer label>', got {line!r}")
+    return Example(directory / parts[0], int(parts[1]), source)
+
+
 def read_vtab_folder(dataset: Mapping[str, Any], split: str) -> list[Example]:
     """`<root>/<folder>/<split>.txt`, each line `images/<split>/<index>.<ext> <label>`."""
     directory = task_dir(dataset)
@@ -82,17 +97,11 @@ def read_vtab_folder(dataset: Mapping[str, Any], split: str) -> list[Example]:
         )
     _check_manifest(directory, dataset["num_classes"], dataset["name"])
     examples = []
-    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        source = f"{list_file}:{number}"
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise DatasetError(f"{source}: expected '<relative image path> <integer label>', got {line!r}")
-        path = directory / parts[0]
-        if not path.is_file():
-            raise DatasetError(f"{source}: image {str(path)!r} does not exist")
-        examples.append(Example(path, int(parts[1]), source))
+    for source, line in list_lines(list_file):
+        example = parse_list_line(line, source, directory)
+        if not example.path.is_file():
+            raise DatasetError(f"{example.source}: image {str(example.path)!r} does not exist")
+        examples.append(example)
     if not examples:
         raise DatasetError(f"{list_file}: the split list is empty")
     _check_labels(examples, dataset["num_classes"], dataset["name"])

@@ -22,7 +22,7 @@ from typing import Iterable
 from PIL import Image
 
 from san.data.images import CorruptImageError, load_rgb
-from san.data.splits import DatasetError, Example
+from san.data.splits import DatasetError, Example, list_lines, parse_list_line
 from san.data.vtab_spec import ALIASES
 
 LIST_NAMES = ("train800", "val200", "train800val200", "test")
@@ -90,21 +90,19 @@ class VerifyReport:
 
 
 def _read_list(path: Path, directory: Path, num_classes: int, problems: list[str]) -> list[Example]:
+    """The reader's parse (splits.parse_list_line), collecting every problem instead of stopping."""
     examples = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
+    for source, line in list_lines(path):
+        try:
+            example = parse_list_line(line, source, directory)
+        except DatasetError as error:
+            problems.append(str(error))
             continue
-        source = f"{path}:{number}"
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            problems.append(f"{source}: expected '<relative image path> <integer label>', got {line!r}")
-            continue
-        image, label = directory / parts[0], int(parts[1])
-        if not image.is_file():
-            problems.append(f"{source}: image {str(image)!r} does not exist")
-        if not 0 <= label < num_classes:
-            problems.append(f"{source}: label {label} outside 0..{num_classes - 1}")
-        examples.append(Example(image, label, source))
+        if not example.path.is_file():
+            problems.append(f"{source}: image {str(example.path)!r} does not exist")
+        if not 0 <= example.label < num_classes:
+            problems.append(f"{source}: label {example.label} outside 0..{num_classes - 1}")
+        examples.append(example)
     return examples
 
 

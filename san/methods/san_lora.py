@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from baselines.peft_family import adapter_parameters
 from san.methods.base import UnsupportedBackboneError
 from san.methods.registry import register_method
 from san.methods.san import SANConfig, SANModel
 from san.methods.scaling import fold_all
 
-ADAPTER = "default"
 
 
 @dataclass
@@ -50,12 +50,7 @@ class SANLoraModel(SANModel):
 
     def _method_parameters(self):
         yield from super()._method_parameters()
-        for layer in self._lora_layers:
-            for name in layer.adapter_layer_names:
-                container = getattr(layer, name, None)
-                if container is not None and ADAPTER in container:
-                    item = container[ADAPTER]
-                    yield from ([item] if isinstance(item, nn.Parameter) else item.parameters())
+        yield from adapter_parameters(self._lora_layers)
 
     def _no_weight_decay_parameters(self):
         return super()._method_parameters()  # SAN's vectors; LoRA matrices are decayed like weights
