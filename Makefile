@@ -5,6 +5,8 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-stamp
+# Where `make data-fgvc` looks for the official FGVC downloads: one sub-folder per dataset.
+FGVC_DOWNLOADS ?= data/downloads/fgvc
 # Extra Hydra overrides for the sweep targets, and the experiment `make sweep` runs.
 ARGS ?=
 EXPERIMENT ?= demo
@@ -14,7 +16,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo data-demo data-vtab data-verify vtab fgvc sweep tables bench lock clean-results
+.PHONY: help install test demo data-demo data-vtab data-fgvc data-verify vtab fgvc sweep tables bench lock clean-results
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -36,8 +38,17 @@ data-demo: install ## Generate the offline demo suite under data/demo
 data-vtab: install ## Export VTAB-1K from tensorflow-datasets as PNG folders under data/vtab-1k (ARGS="--tasks cifar dtd --tfds-dir ...")
 	$(VENV)/bin/san-prepare vtab --out data/vtab-1k $(ARGS)
 
-data-verify: install ## Verify the task folders under data/vtab-1k (counts, labels, manifests, JPEG copies)
-	$(VENV)/bin/san-prepare verify data/vtab-1k $(ARGS)
+data-fgvc: install ## Build FGVC json splits into data/fgvc from the official files in data/downloads/fgvc/<cub|nabirds|flowers|dogs|cars> (FGVC_DOWNLOADS=...)
+	@for name in cub nabirds flowers dogs cars; do \
+	  if [ -e "$(FGVC_DOWNLOADS)/$$name" ]; then \
+	    $(VENV)/bin/san-prepare fgvc --dataset $$name --src "$(FGVC_DOWNLOADS)/$$name" $(ARGS) || exit 1; \
+	  else echo "skip $$name: put its official files in $(FGVC_DOWNLOADS)/$$name (README, section 'Data')"; fi; \
+	done
+
+data-verify: install ## Verify the dataset folders under data/vtab-1k and data/fgvc (counts, labels, manifests, JPEG copies)
+	@for root in data/vtab-1k data/fgvc; do \
+	  if [ -d $$root ]; then $(VENV)/bin/san-prepare verify $$root $(ARGS) || exit 1; else echo "skip $$root: not there"; fi; \
+	done
 
 demo: data-demo ## The whole protocol (tune -> select -> final) on the offline demo suite with EfficientNet-Lite0
 	$(VENV)/bin/san-sweep experiment=demo $(ARGS)

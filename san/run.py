@@ -22,8 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import san  # noqa: F401  (registers every method)
 from san.backbones import create_backbone, data_config
 from san.data.loaders import build_loader
-from san.data.splits import task_dir
-from san.data.vtab_folder import verify_task_folder
+from san.data.checks import FOLDER_CHECKS
 from san.locks import run_lock
 from san.loggers import Logger, build_logger
 from san.methods.registry import build_method_from_config, method_label, method_settings
@@ -32,8 +31,8 @@ from san.records import SCHEMA_VERSION, read_record, write_record
 from san.trainer import Trainer, peak_memory_bytes
 
 # Settings that change where files are or how progress is shown, never the result.
-_NOT_IDENTITY = {("dataset", "root"), ("dataset", "verify"), ("trainer", "num_workers"), ("trainer", "progress"),
-                 ("trainer", "keep_checkpoint"), ("trainer", "resume"), ("trainer", "data_cache"),
+_NOT_IDENTITY = {("dataset", "root"), ("dataset", "verify"), ("dataset", "expected_counts"), ("trainer", "num_workers"),
+                 ("trainer", "progress"), ("trainer", "keep_checkpoint"), ("trainer", "resume"), ("trainer", "data_cache"),
                  ("trainer", "compile")}
 _IDENTITY_GROUPS = ("backbone", "method", "dataset", "protocol", "trainer", "optim")
 
@@ -63,12 +62,13 @@ class DatasetVerificationError(ValueError):
 
 
 def check_dataset(dataset: dict[str, Any]) -> dict[str, Any]:
-    """Verify a VTAB-format folder before training on it (dataset.verify=false skips, and says so)."""
-    if dataset.get("format") != "vtab_folder":
+    """Verify the dataset folder before training on it (dataset.verify=false skips, and says so)."""
+    check = FOLDER_CHECKS.get(dataset.get("format"))
+    if check is None:
         return {"checked": False, "reason": f"no folder check for format {dataset.get('format')!r}"}
     if not dataset.get("verify", True):
         return {"checked": False, "reason": "dataset.verify=false"}
-    report = verify_task_folder(task_dir(dataset), dataset["num_classes"])
+    report = check(dataset)
     if not report.ok:
         shown = "\n  ".join(report.problems[:10])
         raise DatasetVerificationError(

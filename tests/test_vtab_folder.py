@@ -84,7 +84,7 @@ def test_an_interrupted_export_leaves_nothing_that_verifies(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_task_folder(tmp_path, "dtd", {"train800": broken(), "val200": [], "test": []}, CLASSES)
     assert not (tmp_path / "dtd").exists()
-    with pytest.raises(SystemExit, match="no task folders"):
+    with pytest.raises(SystemExit, match="no dataset folders"):
         prepare(["verify", str(tmp_path)])
 
 
@@ -95,7 +95,7 @@ def test_san_prepare_verify_cli(tmp_path, capsys):
     prepare(["verify", str(written.parent)])
     assert "OK   cifar100 (= cifar)" in capsys.readouterr().out
     (written / "val200.txt").write_text("images/val200/000000.png 1\n")
-    with pytest.raises(SystemExit, match="1 task folder"):
+    with pytest.raises(SystemExit, match="1 dataset folder"):
         prepare(["verify", str(written.parent)])
     assert "val200.txt: 1 lines, VTAB-1K has 200" in capsys.readouterr().out
 

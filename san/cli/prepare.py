@@ -1,4 +1,4 @@
-"""`san-prepare`: make datasets on disk in the formats the readers expect."""
+"""`san-prepare`: make datasets on disk in the formats the readers expect, and verify copies made elsewhere."""
 
 from __future__ import annotations
 
@@ -21,37 +21,75 @@ def _vtab(args: argparse.Namespace) -> None:
     export_vtab(args.out, args.tasks, args.tfds_dir)
 
 
-def _verify(args: argparse.Namespace) -> None:
+def _fgvc(args: argparse.Namespace) -> None:
+    from san.data.fgvc_folder import build_fgvc, verify_fgvc_folder
+    from san.data.fgvc_sources import spec_for
+
+    spec = spec_for(args.dataset)
+    out = build_fgvc(spec.name, args.src, args.out, splits_dir=args.splits, seed=args.seed, images=args.images,
+                     force=args.force)
+    report = verify_fgvc_folder(out, spec.num_classes, spec.counts, spec.image_root, decode=args.decode, progress=True)
+    _print_report(out.name, report, spec.name if spec.name != out.name else None, args.max_problems)
+    if not report.ok:
+        raise SystemExit(f"{out} was built but does not match {spec.short}'s documented splits (see above)")
+
+
+def _print_report(name: str, report, canonical: str | None, max_problems: int) -> None:
+    alias = f" (= {canonical})" if canonical else ""
+    print(f"{'OK  ' if report.ok else 'FAIL'} {name}{alias}")
+    for problem in report.problems[:max_problems]:
+        print(f"     {problem}")
+    if len(report.problems) > max_problems:
+        print(f"     ... and {len(report.problems) - max_problems} more")
+    for note in report.notes:
+        print(f"     note: {note}")
+
+
+def _verify_folder(folder: Path, decode: bool):
+    """(report, canonical name) for a VTAB-1K task folder or an FGVC json folder; None if it is neither."""
+    from san.data.fgvc_folder import canonical_fgvc_name, verify_fgvc_folder
+    from san.data.fgvc_sources import SPECS as FGVC_SPECS
     from san.data.vtab_folder import canonical_task_name, verify_task_folder
     from san.data.vtab_spec import TASKS as VTAB_TASKS
 
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if (folder / "train.json").is_file():
+        name = canonical_fgvc_name(folder.name)
+        spec = FGVC_SPECS.get(name)
+        if spec is None and "num_classes" not in manifest:
+            return None
+        num_classes = spec.num_classes if spec else manifest["num_classes"]
+        report = verify_fgvc_folder(folder, num_classes, spec.counts if spec else None,
+                                    spec.image_root if spec else None, decode=decode)
+        return report, name
+    name = canonical_task_name(folder.name)
+    if name in VTAB_TASKS:
+        num_classes = VTAB_TASKS[name].num_classes
+    elif "num_classes" in manifest:
+        num_classes = manifest["num_classes"]
+    else:
+        return None
+    return verify_task_folder(folder, num_classes, decode=decode), name
+
+
+def _verify(args: argparse.Namespace) -> None:
     root = Path(args.root)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
     if not folders:
-        raise SystemExit(f"no task folders under {root}; export them with `san-prepare vtab --out {root}`")
+        raise SystemExit(f"no dataset folders under {root}; make them with `san-prepare vtab --out {root}` "
+                         f"or `san-prepare fgvc --dataset <name> --src <official files>`")
     failed = 0
     for folder in folders:
-        task = canonical_task_name(folder.name)
-        manifest = folder / "manifest.json"
-        if task in VTAB_TASKS:
-            num_classes = VTAB_TASKS[task].num_classes
-        elif manifest.is_file():
-            num_classes = json.loads(manifest.read_text())["num_classes"]
-        else:
-            print(f"SKIP {folder.name}: not a VTAB-1K task name (aliases: {sorted(set(VTAB_TASKS))}) and no manifest")
+        checked = _verify_folder(folder, args.decode)
+        if checked is None:
+            print(f"SKIP {folder.name}: neither a VTAB-1K task nor an FGVC dataset name, and no manifest")
             continue
-        report = verify_task_folder(folder, num_classes, decode=args.decode)
-        alias = f" (= {task})" if task != folder.name else ""
-        print(f"{'OK  ' if report.ok else 'FAIL'} {folder.name}{alias}")
-        for problem in report.problems[:args.max_problems]:
-            print(f"     {problem}")
-        if len(report.problems) > args.max_problems:
-            print(f"     ... and {len(report.problems) - args.max_problems} more")
-        for note in report.notes:
-            print(f"     note: {note}")
+        report, name = checked
+        _print_report(folder.name, report, name if name != folder.name else None, args.max_problems)
         failed += not report.ok
     if failed:
-        raise SystemExit(f"{failed} task folder(s) failed verification")
+        raise SystemExit(f"{failed} dataset folder(s) failed verification")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
     vtab.add_argument("--tasks", nargs="*", choices=sorted(VTAB_TASKS), help="tasks to export (default: all 19)")
     vtab.add_argument("--tfds-dir", default=None, help="tfds data_dir (default: tfds's own, ~/tensorflow_datasets)")
     vtab.set_defaults(handler=_vtab)
-    verify = commands.add_parser("verify", help="check VTAB-1K task folders: counts, labels, manifests, JPEG copies")
-    verify.add_argument("root", help="folder holding one sub-folder per task (e.g. data/vtab-1k)")
+    from san.data.fgvc_folder import IMAGE_MODES
+    from san.data.fgvc_sources import SPECS as FGVC_SPECS
+
+    fgvc = commands.add_parser("fgvc", help="build an FGVC dataset's train/val/test json splits (VPT's format) "
+                                            "from its official release")
+    fgvc.add_argument("--dataset", required=True, choices=sorted({s.short for s in FGVC_SPECS.values()} | set(FGVC_SPECS)))
+    fgvc.add_argument("--src", required=True, help="the official archive, or a folder holding the official archives "
+                                                   "or their extracted contents")
+    fgvc.add_argument("--out", default=None, help="dataset folder (default: data/fgvc/<cub|nabirds|oxford_flowers|"
+                                                  "stanford_dogs|stanford_cars>)")
+    fgvc.add_argument("--splits", default=None, help="a folder with VPT's own train/val/test.json: checked against the "
+                                                     "release and used instead of a newly carved val split")
+    fgvc.add_argument("--seed", type=int, default=0, help="seed of the val carve-out (default 0, the documented split)")
+    fgvc.add_argument("--images", choices=IMAGE_MODES, default="copy",
+                      help="for an extracted release: copy the images (default) or symlink its image folders")
+    fgvc.add_argument("--force", action="store_true", help="rebuild a folder that is already complete")
+    fgvc.add_argument("--decode", action="store_true", help="also decode every image afterwards (finds truncated files)")
+    fgvc.add_argument("--max-problems", type=int, default=10, help="problems printed")
+    fgvc.set_defaults(handler=_fgvc)
+    verify = commands.add_parser("verify", help="check dataset folders (VTAB-1K tasks or FGVC json folders): counts, "
+                                                "labels, manifests, JPEG copies")
+    verify.add_argument("root", help="folder holding one sub-folder per task or dataset (data/vtab-1k, data/fgvc)")
     verify.add_argument("--decode", action="store_true", help="also decode every image (finds truncated files)")
     verify.add_argument("--max-problems", type=int, default=10, help="problems printed per task")
     verify.set_defaults(handler=_verify)
@@ -77,8 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from san.data.errors import DatasetError
+
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    args.handler(args)
+    try:
+        args.handler(args)
+    except DatasetError as error:  # a bad or missing input file: the message names it; no traceback needed
+        raise SystemExit(f"san-prepare {args.command}: {error}") from error
 
 
 if __name__ == "__main__":

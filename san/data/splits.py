@@ -10,23 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from san.data.vtab_spec import ALIASES
+from san.data.errors import ClassCountMismatchError, DatasetError, LabelRangeError, MissingDatasetError
+from san.data.fgvc_sources import ALIASES as FGVC_ALIASES
+from san.data.vtab_spec import ALIASES as VTAB_ALIASES
 
+__all__ = ["ClassCountMismatchError", "DatasetError", "LabelRangeError", "MissingDatasetError", "Example",
+           "read_split", "task_dir", "list_lines", "parse_list_line", "load_split_table"]
 
-class DatasetError(ValueError):
-    """A dataset folder or split list is missing or malformed; the message says where."""
-
-
-class MissingDatasetError(DatasetError, FileNotFoundError):
-    pass
-
-
-class LabelRangeError(DatasetError):
-    pass
-
-
-class ClassCountMismatchError(DatasetError):
-    pass
+# Other repositories' folder names, per folder format (a VTAB "oxford_flowers" is not the FGVC one).
+FOLDER_ALIASES = {"vtab_folder": VTAB_ALIASES, "fgvc_json": FGVC_ALIASES}
 
 
 @dataclass(frozen=True)
@@ -40,7 +32,8 @@ def task_dir(dataset: Mapping[str, Any]) -> Path:
     """The task's folder; a copy under another repository's name (cifar100 for cifar) is found too."""
     directory = Path(dataset["root"]) / dataset["folder"]
     if not directory.is_dir():
-        aliased = [Path(dataset["root"]) / alias for alias, name in sorted(ALIASES.items()) if name == dataset["folder"]]
+        aliases = FOLDER_ALIASES.get(dataset.get("format"), {})
+        aliased = [Path(dataset["root"]) / alias for alias, name in sorted(aliases.items()) if name == dataset["folder"]]
         directory = next((path for path in aliased if path.is_dir()), directory)
     if not directory.is_dir():
         prepare = dataset.get("prepare_command") or "see the README's 'Data' section"
@@ -86,6 +79,21 @@ def parse_list_line(line: str, source: str, directory: Path) -> Example:
     return Example(directory / parts[0], int(parts[1]), source)
 
 
+def load_split_table(path: Path) -> dict[str, int]:
+    """A VPT split file: a json object mapping an image path to an integer class id."""
+    try:
+        table = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{path}: not valid json ({error})") from error
+    if not isinstance(table, dict):
+        raise DatasetError(f"{path}: expected a json object mapping image paths to class ids, "
+                           f"got a {type(table).__name__}")
+    for number, (key, label) in enumerate(table.items(), start=1):
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise DatasetError(f"{path}:entry {number}: class id of {key!r} is {label!r}, not an integer")
+    return table
+
+
 def read_vtab_folder(dataset: Mapping[str, Any], split: str) -> list[Example]:
     """`<root>/<folder>/<split>.txt`, each line `images/<split>/<index>.<ext> <label>`."""
     directory = task_dir(dataset)
@@ -121,7 +129,8 @@ def read_fgvc_json(dataset: Mapping[str, Any], split: str) -> list[Example]:
             raise MissingDatasetError(f"dataset {dataset['name']!r}: split file {str(path)!r} is missing")
     if split not in split_files:
         raise DatasetError(f"dataset {dataset['name']!r} has no split {split!r}; accepted: {sorted(split_files)}")
-    tables = {name: json.loads(path.read_text()) for name, path in split_files.items()}
+    _check_manifest(directory, dataset["num_classes"], dataset["name"])
+    tables = {name: load_split_table(path) for name, path in split_files.items()}
     class_ids = sorted({int(label) for table in tables.values() for label in table.values()})
     if len(class_ids) != dataset["num_classes"]:
         raise ClassCountMismatchError(

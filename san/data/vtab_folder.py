@@ -15,13 +15,14 @@ import hashlib
 import json
 import shutil
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from PIL import Image
 
 from san.data.images import CorruptImageError, load_rgb
+from san.data.errors import VerifyReport
+from san.data.manifest import manifest_problems, sha256_file
 from san.data.splits import DatasetError, Example, list_lines, parse_list_line
 from san.data.vtab_spec import ALIASES
 
@@ -33,10 +34,6 @@ class VerificationError(DatasetError):
 
 def canonical_task_name(folder_name: str) -> str:
     return ALIASES.get(folder_name, folder_name)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def write_task_folder(out_root: Path, name: str, splits: dict[str, Iterable[tuple[Image.Image, int]]],
@@ -67,7 +64,7 @@ def write_task_folder(out_root: Path, name: str, splits: dict[str, Iterable[tupl
         "task": name, "num_classes": num_classes, "format": "png",
         "counts": {split: len(lines[split]) for split in LIST_NAMES},
         "class_histogram": histograms,
-        "lists_sha256": {split: _sha256(staging / f"{split}.txt") for split in LIST_NAMES},
+        "lists_sha256": {split: sha256_file(staging / f"{split}.txt") for split in LIST_NAMES},
         "images_sha256": image_hash.hexdigest(),
         **(extra or {}),
     }
@@ -75,18 +72,6 @@ def write_task_folder(out_root: Path, name: str, splits: dict[str, Iterable[tupl
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
     return final
-
-
-@dataclass
-class VerifyReport:
-    task: str
-    folder: Path
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 def _read_list(path: Path, directory: Path, num_classes: int, problems: list[str]) -> list[Example]:
@@ -127,15 +112,8 @@ def verify_task_folder(folder: Path, num_classes: int, decode: bool = False) -> 
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        for split, count in manifest.get("counts", {}).items():
-            if split in lists and len(lists[split]) != count:
-                report.problems.append(f"{folder / (split + '.txt')}: {len(lists[split])} lines, manifest says {count}")
-        for split, digest in manifest.get("lists_sha256", {}).items():
-            path = folder / f"{split}.txt"
-            if path.is_file() and _sha256(path) != digest:
-                report.problems.append(f"{path}: sha256 differs from {manifest_path}")
-        if manifest.get("num_classes") not in (None, num_classes):
-            report.problems.append(f"{manifest_path}: num_classes {manifest['num_classes']}, expected {num_classes}")
+        report.problems += manifest_problems(manifest, manifest_path, {split: len(e) for split, e in lists.items()},
+                                             lambda split: folder / f"{split}.txt", "lists_sha256", num_classes, "lines")
     else:
         report.notes.append("no manifest.json: counts and labels checked, contents not hashed")
     suffixes = Counter(e.path.suffix.lower() for examples in lists.values() for e in examples)
