@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -271,8 +270,3 @@ def test_a_built_release_trains_and_a_failing_folder_is_refused(built, tmp_path,
     with pytest.raises(DatasetVerificationError, match="(?s)VPT.s split has 5,394.*dataset.verify=false"):
         run(compose(base + ["protocol.stage=final"]))  # CUB's real sizes: this tiny folder is not CUB
     assert read_record(run(compose(base + ["protocol.stage=final", "dataset.verify=false"])))["status"] == "complete"
-
-
-def test_specs_can_be_scaled_for_fixtures_without_touching_the_table():
-    scaled = replace(SPECS["cub"], num_classes=4)
-    assert SPECS["cub"].num_classes == 200 and scaled.counts == SPECS["cub"].counts

@@ -29,7 +29,7 @@ def _fgvc(args: argparse.Namespace) -> None:
     out = build_fgvc(spec.name, args.src, args.out, splits_dir=args.splits, seed=args.seed, images=args.images,
                      force=args.force)
     report = verify_fgvc_folder(out, spec.num_classes, spec.counts, spec.image_root, decode=args.decode, progress=True)
-    _print_report(out.name, report, spec.name if spec.name != out.name else None, args.max_problems)
+    _print_report(out.name, report, report.name if report.name != out.name else None, args.max_problems)
     if not report.ok:
         raise SystemExit(f"{out} was built but does not match {spec.short}'s documented splits (see above)")
 
@@ -46,7 +46,7 @@ def _print_report(name: str, report, canonical: str | None, max_problems: int) -
 
 
 def _verify_folder(folder: Path, decode: bool):
-    """(report, canonical name) for a VTAB-1K task folder or an FGVC json folder; None if it is neither."""
+    """The report on a VTAB-1K task folder or an FGVC json folder; None if it is neither."""
     from san.data.fgvc_folder import canonical_fgvc_name, verify_fgvc_folder
     from san.data.fgvc_sources import SPECS as FGVC_SPECS
     from san.data.vtab_folder import canonical_task_name, verify_task_folder
@@ -60,9 +60,8 @@ def _verify_folder(folder: Path, decode: bool):
         if spec is None and "num_classes" not in manifest:
             return None
         num_classes = spec.num_classes if spec else manifest["num_classes"]
-        report = verify_fgvc_folder(folder, num_classes, spec.counts if spec else None,
-                                    spec.image_root if spec else None, decode=decode)
-        return report, name
+        return verify_fgvc_folder(folder, num_classes, spec.counts if spec else None,
+                                  spec.image_root if spec else None, decode=decode)
     name = canonical_task_name(folder.name)
     if name in VTAB_TASKS:
         num_classes = VTAB_TASKS[name].num_classes
@@ -70,7 +69,7 @@ def _verify_folder(folder: Path, decode: bool):
         num_classes = manifest["num_classes"]
     else:
         return None
-    return verify_task_folder(folder, num_classes, decode=decode), name
+    return verify_task_folder(folder, num_classes, decode=decode)
 
 
 def _verify(args: argparse.Namespace) -> None:
@@ -81,12 +80,11 @@ def _verify(args: argparse.Namespace) -> None:
                          f"or `san-prepare fgvc --dataset <name> --src <official files>`")
     failed = 0
     for folder in folders:
-        checked = _verify_folder(folder, args.decode)
-        if checked is None:
+        report = _verify_folder(folder, args.decode)
+        if report is None:
             print(f"SKIP {folder.name}: neither a VTAB-1K task nor an FGVC dataset name, and no manifest")
             continue
-        report, name = checked
-        _print_report(folder.name, report, name if name != folder.name else None, args.max_problems)
+        _print_report(folder.name, report, report.name if report.name != folder.name else None, args.max_problems)
         failed += not report.ok
     if failed:
         raise SystemExit(f"{failed} dataset folder(s) failed verification")
