@@ -10,18 +10,36 @@ FGVC_DOWNLOADS ?= data/downloads/fgvc
 # Extra Hydra overrides for the sweep targets, and the experiment `make sweep` runs.
 ARGS ?=
 EXPERIMENT ?= demo
+# `make wheelhouse` / `make install-offline`: the target machine's Python and newest manylinux
+# tag (its glibc), and KEEP_TORCH=1 to keep the CUDA torch a node already has.
+WHEELHOUSE ?= wheelhouse
+PYTHON_VERSION ?= $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+PLATFORM ?= manylinux_2_28_x86_64
+KEEP_TORCH ?=
 
-# Nothing here may reach the model hub or a logging service by default.
-export HF_HUB_OFFLINE ?= 1
+# The tests, the offline demo and the CPU bench never reach the model hub (HF_HUB_OFFLINE=1 on
+# their command lines, unless it is set already); the sweeps and `make weights` use the hub
+# when this machine reaches it. No logging service by default.
+HUB_OFFLINE := HF_HUB_OFFLINE=$(or $(HF_HUB_OFFLINE),1)
 export WANDB_MODE ?= disabled
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo data-demo data-vtab data-fgvc data-verify vtab fgvc sweep tables bench lock clean-results
+.PHONY: help install install-offline wheelhouse weights test test-gpu demo data-demo data-vtab data-fgvc data-verify vtab fgvc sweep tables bench lock clean-results
 
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## Create .venv and install the pinned dependencies (skips when up to date)
+
+wheelhouse: ## Download every wheel the lock needs for another machine into wheelhouse/ (PYTHON_VERSION=3.12 PLATFORM=manylinux_2_28_x86_64 KEEP_TORCH=1)
+	$(PYTHON) scripts/wheelhouse.py build --wheelhouse $(WHEELHOUSE) --python-version $(PYTHON_VERSION) --platform $(PLATFORM) $(if $(KEEP_TORCH),--keep-torch)
+
+install-offline: ## Create .venv from wheelhouse/ with no package index (KEEP_TORCH=1: keep the node's CUDA torch)
+	$(PYTHON) scripts/wheelhouse.py install --wheelhouse $(WHEELHOUSE) --venv $(VENV) $(if $(KEEP_TORCH),--keep-torch)
+	@touch $(STAMP)
+
+weights: install ## Fetch the pinned pretrained checkpoints into the hub cache and print their sha256 (ARGS="--out DIR --backbones vit_b16_in21k")
+	$(VENV)/bin/san-prepare weights $(ARGS)
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,10 +48,13 @@ $(STAMP): pyproject.toml requirements.lock
 	@touch $@
 
 test: install ## Run the test suite (offline)
-	$(PY) -m pytest -q tests
+	$(HUB_OFFLINE) $(PY) -m pytest -q tests
+
+test-gpu: install ## Only the CUDA tests (tests marked gpu; they skip without a GPU)
+	$(HUB_OFFLINE) $(PY) -m pytest -q -m gpu tests
 
 data-demo: install ## Generate the offline demo suite under data/demo
-	$(VENV)/bin/san-prepare demo --out data/demo
+	$(HUB_OFFLINE) $(VENV)/bin/san-prepare demo --out data/demo
 
 data-vtab: install ## Export VTAB-1K from tensorflow-datasets as PNG folders under data/vtab-1k (ARGS="--tasks cifar dtd --tfds-dir ...")
 	$(VENV)/bin/san-prepare vtab --out data/vtab-1k $(ARGS)
@@ -51,7 +72,7 @@ data-verify: install ## Verify the dataset folders under data/vtab-1k and data/f
 	done
 
 demo: data-demo ## The whole protocol (tune -> select -> final) on the offline demo suite with EfficientNet-Lite0
-	$(VENV)/bin/san-sweep experiment=demo $(ARGS)
+	$(HUB_OFFLINE) $(VENV)/bin/san-sweep experiment=demo $(ARGS)
 
 vtab: install ## The full VTAB-1K sweep (ViT-B/16; ARGS="method=san backbone=swin_b_in22k launcher=slurm" narrow or redirect it)
 	$(VENV)/bin/san-sweep experiment=vtab $(ARGS)
@@ -63,7 +84,7 @@ tables: install ## Tables and plots from every record under results/runs (ARGS="
 	$(VENV)/bin/san-report $(ARGS)
 
 bench: data-demo ## Speed/memory ratios in one run (CPU: tiny ViT + EfficientNet-Lite0; ARGS="--backbones vit_b16_in21k" on a GPU)
-	$(VENV)/bin/san-bench $(ARGS)
+	$(HUB_OFFLINE) $(VENV)/bin/san-bench $(ARGS)
 
 sweep: install ## Any experiment: make sweep EXPERIMENT=san_ablation ARGS="method=san"
 	$(VENV)/bin/san-sweep experiment=$(EXPERIMENT) $(ARGS)

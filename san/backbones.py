@@ -19,9 +19,11 @@ import timm
 import torch
 from torch import nn
 
+from san.errors import ConfigError, UserError
 
-class WeightsUnavailableError(RuntimeError):
-    pass
+
+class WeightsUnavailableError(UserError, RuntimeError):
+    """The pretrained weights cannot be loaded; the message says which way of providing them applies."""
 
 
 @dataclass(frozen=True)
@@ -147,12 +149,30 @@ def _load_converted(model: nn.Module, state_dict: Mapping[str, torch.Tensor], or
         )
 
 
-def _hub_help(cfg: Mapping[str, Any]) -> str:
+def _hub_help(cfg: Mapping[str, Any], error: Exception) -> str:
+    """Why the hub weights did not load, and each way to provide them (the user knows which applies)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    pretrained_cfg = timm.models.get_pretrained_cfg(cfg["timm_name"])
+    repo = getattr(pretrained_cfg, "hf_hub_id", None) or cfg["timm_name"]
+    cache = constants.HF_HUB_CACHE
+    if constants.HF_HUB_OFFLINE and isinstance(error, LocalEntryNotFoundError):
+        reason = f"HF_HUB_OFFLINE=1 and the hub cache {cache} does not hold {repo}"
+    elif isinstance(error, LocalEntryNotFoundError):
+        reason = f"the hub is unreachable from here and the hub cache {cache} does not hold {repo}"
+    else:
+        reason = f"{type(error).__name__}: {error}"
     return (
-        f"could not load pretrained weights for {cfg['timm_name']!r} (backbone={cfg['name']}). "
-        "Without network access, download the checkpoint elsewhere and point at it with "
-        "`backbone.checkpoint_path=/path/to/weights` (a .pth, .bin, .safetensors or, for ViT, "
-        "the original .npz), or run from random weights with `backbone.pretrained=false`."
+        f"no pretrained weights for backbone={cfg['name']} (timm {cfg['timm_name']}, hub repo {repo}): {reason}. "
+        "Fix, whichever applies:\n"
+        "  - this machine reaches the hub: unset HF_HUB_OFFLINE (only make test/demo/bench set it) and run "
+        f"again, or fetch first with `san-prepare weights --backbones {cfg['name']}` (make weights)\n"
+        "  - this machine is offline: run `make weights` on a machine with network access, copy its hub cache "
+        "(printed at the end) here and set HF_HOME (or HF_HUB_CACHE) to the copy\n"
+        "  - you have the checkpoint file: backbone.checkpoint_path=/path/to/weights "
+        "(.safetensors, .pth, .bin, or the original .npz for ViT)\n"
+        "  - speed or smoke tests only: backbone.pretrained=false (random weights; the record says so)"
     )
 
 
@@ -162,19 +182,25 @@ def create_backbone(cfg: Mapping[str, Any], num_classes: int) -> tuple[nn.Module
     kwargs["drop_path_rate"] = cfg.get("drop_path_rate", 0.0)
     name = cfg["timm_name"]
     if not timm.is_model(name.split(".")[0]):
-        raise ValueError(f"timm has no architecture {name.split('.')[0]!r} (backbone={cfg['name']})")
+        raise ConfigError(f"timm has no architecture {name.split('.')[0]!r} (backbone={cfg['name']}); set "
+                          "backbone.timm_name to an arch.tag that timm lists: "
+                          "python -c \"import timm; print(timm.list_pretrained('vit_base*'))\"")
     checkpoint = cfg.get("checkpoint_path")
     source = cfg.get("weights", "timm_hub")
 
     if not cfg.get("pretrained", True):
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        if next(model.parameters()).is_meta:  # shapes only (FLOP counting): there is nothing to hash
+            return model, WeightsInfo("random_init", "")
         info = WeightsInfo("random_init", tensors_sha256(model, _classifier_param_ids(model)))
         return model, info
 
     if checkpoint:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
-            raise WeightsUnavailableError(f"backbone.checkpoint_path {str(path)!r} is not a file")
+            raise WeightsUnavailableError(
+                f"backbone.checkpoint_path {str(path)!r} is not a file; give the path of a .safetensors, .pth, "
+                "or .bin checkpoint (or ViT's original .npz), or leave it null to load the hub weights")
         if source in PACKAGED_WEIGHTS:
             model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
             raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -196,11 +222,12 @@ def create_backbone(cfg: Mapping[str, Any], num_classes: int) -> tuple[nn.Module
 
     if source != "timm_hub":
         accepted = ["timm_hub", *PACKAGED_WEIGHTS]
-        raise ValueError(f"unknown backbone.weights {source!r}; accepted: {accepted}")
+        raise ConfigError(f"unknown backbone.weights {source!r}; accepted: {accepted} "
+                          "(for example backbone.weights=timm_hub)")
     try:
         model = timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
-    except Exception as error:  # network, hub or cache errors all mean the same to the user
-        raise WeightsUnavailableError(_hub_help(cfg) + f" (cause: {type(error).__name__}: {error})") from error
+    except Exception as error:  # network, hub or cache errors: the message says which fix applies
+        raise WeightsUnavailableError(_hub_help(cfg, error)) from error
     return model, _info(model, "timm_hub", None)
 
 

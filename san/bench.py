@@ -28,21 +28,20 @@ from omegaconf import OmegaConf
 import san  # noqa: F401  (registers every method)
 from san.backbones import create_backbone, data_config
 from san.cli.config import compose_config
+from san.cli.console import console_script
 from san.data.cache import TensorLoader, decode_split
 from san.data.images import ImageListDataset, build_transform
 from san.data.splits import read_split
-from san.efficiency import flops_per_image
+from san.efficiency import model_flop_utilisation, peak_tflops, run_flops
 from san.methods.base import NotMergeableError, UnsupportedBackboneError
 from san.methods.registry import build_method_from_config
 from san.provenance import environment
 from san.records import atomic_write_bytes
-from san.trainer import build_optimizer, resolve_device, resolve_precision
+from san.trainer import Trainer, build_optimizer, resolve_device, resolve_precision
 
 # One method's VTAB-1K protocol: 19 tasks x (8 grid points on 800 images + 3 final seeds on
 # 1,000 images) x 110 epochs.
 VTAB_IMAGE_STEPS = 19 * (8 * 800 + 3 * 1000) * 110
-# Dense bf16 peak of known accelerators (TFLOP/s), for model FLOP utilisation.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def _sync(device: torch.device) -> None:
@@ -80,26 +79,26 @@ def _build(config: dict[str, Any], device: torch.device, channels_last: bool):
     return peft, memory_format
 
 
-def train_step_images_per_s(config, device, batch_size, steps, warmup, *, channels_last, precision) -> tuple[float, int | None]:
-    peft, memory_format = _build(config, device, channels_last)
-    size = data_config(peft.model, config["backbone"]["input_size"]).input_size
+def train_step_images_per_s(config, device, batch_size, steps, warmup, *, channels_last, precision,
+                            compile_step: bool = False) -> tuple[float, int | None]:
+    """Images/s of the Trainer's own `train_step` (the code path a run takes) on uint8
+    batches already on the device, as the decoded-split cache serves them."""
+    import tempfile
+
+    peft, _ = _build(config, device, channels_last)
+    preprocessing = data_config(peft.model, config["backbone"]["input_size"])
+    size = preprocessing.input_size
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (batch_size,), device=device)
-    optimizer = build_optimizer(peft, config["optim"], device)
-    autocast = torch.autocast(device.type, dtype=precision) if precision else contextlib.nullcontext()
-    peft.set_train_mode(True)
-
-    def step():
-        x = ((images.float() - 127.5) / 127.5).contiguous(memory_format=memory_format)
-        with autocast:
-            loss = F.cross_entropy(peft.model(x).float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds = _timed(step, steps, warmup, device)
+    trainer_cfg = dict(config["trainer"], device=str(device),
+                       precision={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision])
+    if compile_step:
+        trainer_cfg["compile"] = True
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(peft, preprocessing, trainer_cfg, config["optim"], 0, Path(run_dir), "bench",
+                          channels_last=channels_last)
+        peft.set_train_mode(True)
+        seconds = _timed(lambda: trainer.train_step(images, labels), steps, warmup, device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return batch_size / seconds, peak
 
@@ -195,14 +194,14 @@ def data_path_images_per_s(task_dir: Path, size: int, batch_size: int, workers: 
 
 def run_bench(backbones: list[str], methods: list[str], batch_size: int, steps: int, warmup: int,
               input_size: int | None, task_dir: Path | None, workers: int, device_name: str = "auto",
-              concurrent_runs: int = 0) -> dict:
+              concurrent_runs: int = 0, compile_step: bool = False) -> dict:
     device = resolve_device(device_name)
     precision = resolve_precision("auto", device)
-    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items()
-                        if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                               else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    results: dict[str, Any] = {"device": device_name or f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+                               "peak_bf16_tflops": peak_tflops(device_name) if device_name else None,
                                "precision": str(precision or "float32"), "batch_size": batch_size, "steps": steps,
+                               "compile": compile_step,
                                "env": environment(), "rows": []}
     for backbone in backbones:
         for method in methods:
@@ -211,7 +210,8 @@ def run_bench(backbones: list[str], methods: list[str], batch_size: int, steps: 
             row: dict[str, Any] = {"backbone": backbone, "method": method}
             try:
                 row["train_images_per_s"], row["peak_train_memory_bytes"] = train_step_images_per_s(
-                    config, device, batch_size, steps, warmup, channels_last=channels_last, precision=precision)
+                    config, device, batch_size, steps, warmup, channels_last=channels_last, precision=precision,
+                    compile_step=compile_step)
             except UnsupportedBackboneError as error:
                 row["unsupported"] = str(error)
                 results["rows"].append(row)
@@ -220,7 +220,9 @@ def run_bench(backbones: list[str], methods: list[str], batch_size: int, steps: 
             size = data_config(peft.model, config["backbone"]["input_size"]).input_size
             row["input_size"] = size
             row["params_trainable_without_head"] = peft.parameter_counts()["trainable_without_head"]
-            row["gflops_per_image"] = flops_per_image({**config, "dataset": {"num_classes": 10}}) / 1e9
+            counted = run_flops({**config, "dataset": {"num_classes": 10}})
+            row["gflops_per_image"] = counted["forward_flops_per_image"] / 1e9
+            row["train_gflops_per_image"] = counted["train_flops_per_image"] / 1e9
             measure = dict(device=device, batch_size=batch_size, size=size, steps=steps, warmup=warmup,
                            precision=precision, memory_format=memory_format)
             row["inference_unmerged"] = inference_images_per_s(peft.model, **measure)
@@ -233,8 +235,9 @@ def run_bench(backbones: list[str], methods: list[str], batch_size: int, steps: 
             plain, _ = _build(_config(backbone, "linear", input_size), device, channels_last)
             row["inference_plain"] = inference_images_per_s(plain.model, **measure)
             row["merged_vs_plain"] = row["inference_merged"] / row["inference_plain"] if row["inference_merged"] else None
-            training_flops = 3 * row["gflops_per_image"] * 1e9 * row["train_images_per_s"]
-            row["model_flop_utilisation"] = training_flops / (peak_tflops * 1e12) if peak_tflops else None
+            # this method's counted forward + backward FLOPs, not 3x forward for every method
+            row["model_flop_utilisation"] = model_flop_utilisation(
+                counted["train_flops_per_image"], row["train_images_per_s"], device_name or "")
             row["extrapolated_vtab_sweep_hours"] = VTAB_IMAGE_STEPS / row["train_images_per_s"] / 3600
             if task_dir is not None:
                 reference = reference_pipeline_images_per_s(config, device, task_dir, batch_size, steps, workers)
@@ -260,17 +263,19 @@ def to_markdown(results: dict) -> str:
         return "—" if value is None else f"{value:,.{digits}f}"
 
     lines = [f"Device: {results['device']}; precision {results['precision']}; batch {results['batch_size']}.", "",
-             "| backbone | method | params (M) | GFLOPs/img | train img/s | peak train mem (GiB) | infer unmerged | "
-             "infer merged | infer plain | merged/plain | reference img/s | speed-up | MFU | VTAB sweep (h, extrapolated) |",
-             "|---|---|" + "---:|" * 12]
+             "| backbone | method | params (M) | GFLOPs/img | train GFLOPs/img | train img/s | peak train mem (GiB) | "
+             "infer unmerged | infer merged | infer plain | merged/plain | reference img/s | speed-up | MFU | "
+             "VTAB sweep (h, extrapolated) |",
+             "|---|---|" + "---:|" * 13]
     for row in results["rows"]:
         if "unsupported" in row:
-            lines.append(f"| {row['backbone']} | {row['method']} | unsupported |" + " |" * 11)
+            lines.append(f"| {row['backbone']} | {row['method']} | unsupported |" + " |" * 12)
             continue
         memory = row["peak_train_memory_bytes"]
         lines.append(
             f"| {row['backbone']} | {row['method']} | {row['params_trainable_without_head'] / 1e6:.3f} | "
-            f"{number(row['gflops_per_image'], 3)} | {number(row['train_images_per_s'])} | "
+            f"{number(row['gflops_per_image'], 3)} | {number(row['train_gflops_per_image'], 3)} | "
+            f"{number(row['train_images_per_s'])} | "
             f"{number(memory / 2**30 if memory else None, 2)} | {number(row['inference_unmerged'])} | "
             f"{number(row['inference_merged'])} | {number(row['inference_plain'])} | {number(row['merged_vs_plain'], 3)} | "
             f"{number(row.get('reference_pipeline_images_per_s'))} | {number(row.get('speedup_vs_reference'), 2)} | "
@@ -286,10 +291,16 @@ def to_markdown(results: dict) -> str:
                       f"{c['concurrent_total_images_per_s']:,.0f} img/s vs one alone {c['single_images_per_s']:,.0f} img/s "
                       f"({c['gain']:.2f}x)."]
     lines += ["", "Peak memory is measured on a GPU only (torch.cuda.max_memory_allocated). The reference pipeline decodes "
-                  "PNGs with PIL in DataLoader workers at every step and trains in float32 without channels_last."]
+                  "PNGs with PIL in DataLoader workers at every step and trains in float32 without channels_last. "
+                  "Train GFLOPs are counted per method (one forward + backward through its trainable set, "
+                  "FlopCounterMode); MFU = train GFLOPs x img/s / the device's dense bf16 peak "
+                  + (f"({results['peak_bf16_tflops']} TFLOP/s)." if results.get("peak_bf16_tflops")
+                     else "(not known for this device: MFU left empty).")
+                  + (" The training step ran under torch.compile." if results.get("compile") else "")]
     return "\n".join(lines) + "\n"
 
 
+@console_script("san-bench", overrides=False)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="san-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -304,13 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference pipeline")
     parser.add_argument("--concurrent", type=int, default=2,
                         help="also time this many training processes sharing the device (0: skip)")
+    parser.add_argument("--compile", action="store_true", help="time the training step under torch.compile")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     task = args.task if (args.task / "train800.txt").is_file() else None
     if task is None:
         print(f"no task at {args.task} (make data-demo): skipping the data-path and reference measurements")
     results = run_bench(args.backbones, args.methods, args.batch_size, args.steps, args.warmup, args.input_size,
-                        task, args.workers, concurrent_runs=args.concurrent)
+                        task, args.workers, concurrent_runs=args.concurrent, compile_step=args.compile)
     stem = args.out / time.strftime("bench-%Y%m%d-%H%M%S")
     atomic_write_bytes(stem.with_suffix(".json"), (json.dumps(results, indent=2, default=str) + "\n").encode())
     table = to_markdown(results)

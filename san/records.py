@@ -12,19 +12,22 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 RECORD_NAME = "record.json"
 SCHEMA_VERSION = 1
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+def atomic_write_stream(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """`write(stream)` into a temporary file in the same folder, fsync, then rename over `path`.
+
+    The content goes straight to disk (no in-memory copy of it), and a crash at any point
+    leaves either the old file or the new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
@@ -32,6 +35,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write_stream(path, lambda stream: stream.write(data))
 
 
 def write_record(run_dir: Path, record: dict[str, Any]) -> Path:

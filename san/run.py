@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import random
 import time
 import traceback
@@ -23,18 +24,36 @@ import san  # noqa: F401  (registers every method)
 from san.backbones import create_backbone, data_config
 from san.data.loaders import build_loader
 from san.data.checks import FOLDER_CHECKS
+from san.data.errors import MissingDatasetError
+from san.data.manifest import data_fingerprint as folder_fingerprint
+from san.data.splits import task_dir
+from san.errors import UserError
 from san.locks import run_lock
 from san.loggers import Logger, build_logger
 from san.methods.registry import build_method_from_config, method_label, method_settings
 from san.provenance import device_description, environment
 from san.records import SCHEMA_VERSION, read_record, write_record
-from san.trainer import Trainer, peak_memory_bytes
+from san.efficiency import model_flop_utilisation, run_flops
+from san.trainer import Trainer, TrainingInterrupted, configure_determinism, peak_memory_bytes
 
-# Settings that change where files are or how progress is shown, never the result.
-_NOT_IDENTITY = {("dataset", "root"), ("dataset", "verify"), ("dataset", "expected_counts"), ("trainer", "num_workers"),
-                 ("trainer", "progress"), ("trainer", "keep_checkpoint"), ("trainer", "resume"), ("trainer", "data_cache"),
-                 ("trainer", "compile")}
+# Settings that say where files are, how progress is shown, or how often the run pauses to
+# evaluate or checkpoint: never the result. Everything else in the identity groups is in the
+# identity (a new setting counts until it is listed here), and so is the data's content.
+_NOT_IDENTITY = {
+    # where the data is: the same data at another path is the same run (its content is
+    # fingerprinted below instead)
+    ("dataset", "root"), ("dataset", "folder"), ("dataset", "image_root"), ("dataset", "prepare_command"),
+    ("dataset", "verify"), ("dataset", "expected_counts"),
+    # where the weights are: their content is recorded as weights.sha256
+    ("backbone", "checkpoint_path"),
+    # how the run is carried out
+    ("trainer", "num_workers"), ("trainer", "progress"), ("trainer", "keep_checkpoint"), ("trainer", "resume"),
+    ("trainer", "data_cache"), ("trainer", "cache_device_budget"), ("trainer", "compile"), ("trainer", "device"),
+    ("trainer", "nan_check_every"), ("trainer", "eval_every"), ("trainer", "checkpoint_every_minutes"),
+    ("trainer", "checkpoint_every_epochs"),
+}
 _IDENTITY_GROUPS = ("backbone", "method", "dataset", "protocol", "trainer", "optim")
+_FINGERPRINTS: dict[tuple, dict[str, Any]] = {}
 
 
 def resolved(cfg: DictConfig) -> dict[str, Any]:
@@ -43,11 +62,31 @@ def resolved(cfg: DictConfig) -> dict[str, Any]:
     return container
 
 
+def data_fingerprint(dataset: dict[str, Any]) -> dict[str, Any]:
+    """What the data is, cheaply (san.data.manifest.data_fingerprint: the sha256 of each split
+    list, the variant, the tfds builder). Two copies of a task (a PNG export and a JPEG
+    release, another tfds version) differ here; the same copy moved to another path does not.
+    A folder that does not exist yet (a dry run before the data is prepared) is "missing"."""
+    try:
+        folder = task_dir(dataset)
+    except MissingDatasetError:
+        return {"lists_sha256": {}, "missing": True}
+    # Memoised on the list files' and manifest's (name, size, mtime): planning a sweep reads
+    # each task's lists once, not once per job.
+    key = (str(folder), tuple(sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+                                     for entry in os.scandir(folder)
+                                     if entry.is_file() and entry.name.endswith((".txt", ".json")))))
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = folder_fingerprint(folder)
+    return _FINGERPRINTS[key]
+
+
 def identity(config: dict[str, Any]) -> str:
     """Hash of everything that determines the result except the seed."""
-    subset = {group: {k: v for k, v in config[group].items() if (group, k) not in _NOT_IDENTITY}
-              for group in _IDENTITY_GROUPS}
-    return hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()[:12]
+    subset: dict[str, Any] = {group: {k: v for k, v in config[group].items() if (group, k) not in _NOT_IDENTITY}
+                              for group in _IDENTITY_GROUPS}
+    subset["data"] = data_fingerprint(config["dataset"])
+    return hashlib.sha256(json.dumps(subset, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def run_dir_for(config: dict[str, Any]) -> Path:
@@ -57,7 +96,7 @@ def run_dir_for(config: dict[str, Any]) -> Path:
             / identity(config) / f"seed{config['seed']}")
 
 
-class DatasetVerificationError(ValueError):
+class DatasetVerificationError(UserError, ValueError):
     pass
 
 
@@ -81,9 +120,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+    configure_determinism(deterministic)
 
 
 def run(cfg: DictConfig | dict[str, Any], wait_for_lock: bool = False) -> Path:
@@ -124,6 +161,7 @@ def _run_locked(config: dict[str, Any], run_dir: Path) -> Path:
                    "settings": method_settings(config["method"])},
         "seed": config["seed"],
         "identity": identity(config),
+        "data": data_fingerprint(dataset),
         # The grid point san-sweep ran (its overrides); informational, not part of the identity.
         "point": config.get("point"),
         "splits": {"fit": protocol["fit"], "evaluate": protocol["evaluate"]},
@@ -136,6 +174,9 @@ def _run_locked(config: dict[str, Any], run_dir: Path) -> Path:
     logger: Logger = Logger()
     try:
         logger = build_logger(config["logger"], run_dir, record)
+        # This task's own figures (VPT's prompt length, a class count: they differ per task),
+        # counted on the meta device and stored here, so the report never builds a model.
+        record["efficiency"] = run_flops(config)
         seed_everything(config["seed"], config["trainer"]["deterministic"])
         model, weights = create_backbone(config["backbone"], dataset["num_classes"])
         record["backbone"].update(pretrained=weights.source != "random_init", weights=weights.to_dict())
@@ -148,8 +189,9 @@ def _run_locked(config: dict[str, Any], run_dir: Path) -> Path:
         record["dataset_check"] = check_dataset(dataset)
         trainer_cfg = config["trainer"]
         cache_dir = config["paths"]["cache_dir"] if trainer_cfg.get("data_cache", False) else None
+        on_gpu = trainer_cfg["device"] != "cpu" and torch.cuda.is_available()
         loader_options = dict(num_workers=trainer_cfg["num_workers"], cache_dir=cache_dir,
-                              progress=trainer_cfg["progress"])
+                              progress=trainer_cfg["progress"], pin_memory=on_gpu)
         fit_loader = build_loader(dataset, protocol["fit"], preprocessing, train=True,
                                   batch_size=trainer_cfg["batch_size"], **loader_options)
         eval_loader = build_loader(dataset, protocol["evaluate"], preprocessing, train=False,
@@ -166,18 +208,27 @@ def _run_locked(config: dict[str, Any], run_dir: Path) -> Path:
         evaluated = [row for row in outcome.history if metric in row]
         final = {key: value for key, value in evaluated[-1].items() if key.startswith(protocol["evaluate"])}
         record["metrics"] = {"final": final, "per_epoch": outcome.history}
-        if protocol["evaluate"] == "test":
-            # Only for comparison with papers that kept the best test epoch; never the headline.
+        if protocol["evaluate"] == "test" and len(evaluated) > 1:
+            # Only when a curve was asked for (trainer.eval_every), for comparison with papers that
+            # kept the best test epoch; never the headline, never read by selection.
             record["metrics"]["best_epoch_on_test_top1_not_for_reporting"] = max(r[metric] for r in evaluated)
         peak, peak_kind = peak_memory_bytes(trainer.device)
+        train_images_per_s = outcome.train_images / outcome.train_seconds if outcome.train_seconds else None
         record["cost"] = {
             "wall_s": time.perf_counter() - started,
             "train_s": outcome.train_seconds,
             "peak_mem_bytes": peak,
             "peak_mem_kind": peak_kind,
-            "train_images_per_s": outcome.train_images / outcome.train_seconds if outcome.train_seconds else None,
+            "train_images_per_s": train_images_per_s,
             "eval_images_per_s": outcome.eval_images / outcome.eval_seconds if outcome.eval_seconds else None,
             "resumed_from_epoch": outcome.resumed_from_epoch,
+            "evaluations": outcome.evaluations,
+            "eval_images": outcome.eval_images,
+            "checkpoints_written": trainer.checkpoints_written,
+            "cached_on_device": trainer.cached_on_device,
+            # measured training FLOPs (this method's forward + backward) / the device's bf16 peak
+            "model_flop_utilisation": model_flop_utilisation(
+                record["efficiency"]["train_flops_per_image"], train_images_per_s, record["env"]["device"]),
         }
         record["status"] = "complete"
         record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -186,7 +237,7 @@ def _run_locked(config: dict[str, Any], run_dir: Path) -> Path:
         logger.finish(record)
         return path
     except BaseException as error:
-        record["status"] = "failed"
+        record["status"] = "interrupted" if isinstance(error, TrainingInterrupted) else "failed"
         record["error"] = {"type": type(error).__name__, "message": str(error),
                            "traceback": traceback.format_exc()}
         record["cost"] = {"wall_s": time.perf_counter() - started}

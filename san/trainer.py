@@ -1,9 +1,11 @@
 """The one training loop every method shares.
 
 AdamW with per-group weight decay, linear warmup then cosine decay per step, bf16
-autocast on GPU, gradient clipping, evaluation every epoch, a checkpoint at every epoch
-end and resume from it. Randomness is reseeded from (seed, epoch) at every epoch start,
-so a resumed run computes exactly what an uninterrupted one would.
+autocast on GPU (fp16 with a gradient scaler where bf16 is not native), optional gradient
+clipping, evaluation at the end (and every `eval_every` epochs when a curve is asked for),
+and checkpoints of the trainable tensors at epoch ends every few minutes of work and on
+SIGTERM. Randomness is reseeded from (seed, epoch) at every epoch start, so a resumed run
+computes exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import csv
 import io
 import math
 import os
+import pickle
 import resource
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +30,33 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from san.backbones import DataConfig
+from san.errors import UserError
 from san.methods.base import PeftModel
-from san.records import atomic_write_bytes
+from san.records import atomic_write_bytes, atomic_write_stream
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be resumed from safely."""
+
+
+class TrainingInterrupted(UserError, RuntimeError):
+    """SIGTERM (a SLURM preemption or time limit, a `kill`) arrived; the epoch in progress
+    was finished and checkpointed, and running the same command again resumes it."""
+
+
+def cache_device_budget_bytes(setting: Any, device: torch.device) -> int | None:
+    """How many bytes of cached splits may live on the device (None: no limit, the CPU)."""
+    if device.type != "cuda":
+        return None
+    if setting in (None, "auto"):
+        # A quarter of the card: VTAB's largest test split at 224 px (dsprites, 11 GB) fits an
+        # 80 GB H100 and stays memory-mapped on the host on a 24 GB card.
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    return int(float(setting) * 2**30)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,14 +65,54 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class PrecisionError(UserError, ValueError):
+    """A precision the device cannot run."""
+
+
+def bf16_supported(device: torch.device) -> bool:
+    # Ampere (compute capability 8.0) and newer run bf16 natively; on a V100 or T4
+    # torch.cuda.is_bf16_supported() can say True through emulation that is many times slower.
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain float32."""
+    """The autocast dtype, or None for plain float32.
+
+    auto: bf16 on GPUs that run it natively, fp16 (with a gradient scaler, see `Trainer`)
+    on older GPUs, float32 on the CPU."""
     choices = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if bf16_supported(device) else torch.float16
     if name not in choices:
         raise ValueError(f"unknown trainer.precision {name!r}; accepted: ['auto', {', '.join(map(repr, choices))}]")
+    if name == "fp16" and device.type != "cuda":
+        raise PrecisionError("trainer.precision=fp16 needs a CUDA device (fp16 autocast with a gradient scaler); "
+                             "use trainer.precision=bf16 or fp32 on the CPU")
     return choices[name]
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """What `trainer.deterministic` switches on.
+
+    On the CPU the same seed then gives the same result. On CUDA it selects deterministic
+    kernels (cuDNN's, and cuBLAS's through CUBLAS_WORKSPACE_CONFIG, which must be set before
+    the first cuBLAS call of the process) and turns off cuDNN autotuning; kernels with no
+    deterministic version (some scatter/index backward passes) still run and warn, so CUDA
+    results are reproducible for the suite's methods but not guaranteed for every op.
+    Off: cuDNN picks the fastest kernels (`benchmark`), results may differ in the last bits."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.deterministic = False
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -90,6 +156,7 @@ class TrainOutcome:
     eval_seconds: float = 0.0
     eval_images: int = 0
     resumed_from_epoch: int = 0
+    evaluations: int = 0
 
 
 class Trainer:
@@ -103,6 +170,9 @@ class Trainer:
         self.identity = identity
         self.device = resolve_device(trainer["device"])
         self.autocast_dtype = resolve_precision(trainer["precision"], self.device)
+        if self.device.type == "cuda":
+            # Each run's peak, not the process's running maximum over earlier in-process runs.
+            torch.cuda.reset_peak_memory_stats(self.device)
         # NHWC is what CPU and GPU conv kernels are fastest on; a ViT only sees it in patch_embed.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         peft.model.to(self.device, memory_format=self.memory_format)
@@ -110,9 +180,17 @@ class Trainer:
         self.mean = torch.tensor(data_config.mean, device=self.device).view(shape) * 255
         self.std = torch.tensor(data_config.std, device=self.device).view(shape) * 255
         self.optimizer = build_optimizer(peft, optim, self.device)
+        # fp16 has too narrow a range for small gradients: scale the loss (bf16 and fp32 need none).
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         # torch.compile traces the adapted model once per run; worth it for long runs on a GPU.
-        self.forward = torch.compile(peft.model) if trainer.get("compile", False) else peft.model
+        # Evaluation pads its last batch to the full size under compile, so the eval graph sees one
+        # shape; training's last partial batch costs one extra (dynamic-batch) compile, not one per epoch.
+        self.compiled = bool(trainer.get("compile", False))
+        self.forward = torch.compile(peft.model) if self.compiled else peft.model
         self.checkpoint_path = run_dir / "checkpoint.pt"
+        self.checkpoints_written = 0
+        self._trainable = [p for _, p in peft.named_trainable_parameters()]
+        self.cached_on_device: dict[str, bool] = {}
 
     # --- pieces ---------------------------------------------------------------------------
     def _autocast(self):
@@ -138,29 +216,53 @@ class Trainer:
         return {k: v.detach().cpu() for k, v in self.peft.model.state_dict(keep_vars=True).items() if id(v) in keep}
 
     def _save_checkpoint(self, epoch: int, outcome: TrainOutcome) -> None:
-        buffer = io.BytesIO()
-        torch.save({"identity": self.identity, "epoch": epoch, "model": self._checkpoint_state(),
-                    "optimizer": self.optimizer.state_dict(), "outcome": outcome.__dict__}, buffer)
-        atomic_write_bytes(self.checkpoint_path, buffer.getvalue())
+        """Trainable tensors and their optimizer state, streamed to a temporary file and renamed.
+
+        Only tensors and plain Python types, so `_load_checkpoint` can refuse anything else
+        (weights_only): a checkpoint planted in a shared results folder cannot run code."""
+        state = {"identity": self.identity, "epoch": epoch, "model": self._checkpoint_state(),
+                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                 "outcome": dict(outcome.__dict__)}
+        atomic_write_stream(self.checkpoint_path, lambda stream: torch.save(state, stream))
+        self.checkpoints_written += 1
 
     def _load_checkpoint(self) -> tuple[int, TrainOutcome]:
         if not (self.cfg["resume"] and self.checkpoint_path.is_file()):
             return 0, TrainOutcome()
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise CheckpointError(
+                f"{self.checkpoint_path} holds more than tensors and plain values, so it was not written by this "
+                f"suite and loading it could run code; it was not loaded. Delete it to start the run afresh "
+                f"(rm {self.checkpoint_path}), or set trainer.resume=false. ({str(error).splitlines()[0]})") from None
         if state["identity"] != self.identity:
             # A checkpoint of another configuration in this directory: never mix them.
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{self.checkpoint_path} belongs to a different configuration; delete it or "
                 "set trainer.resume=false"
             )
         missing = set(self._checkpoint_state()) - set(state["model"])
         if missing:
-            raise RuntimeError(f"{self.checkpoint_path} lacks tensors {sorted(missing)[:5]}")
+            raise CheckpointError(f"{self.checkpoint_path} lacks tensors {sorted(missing)[:5]}; delete it or set "
+                                  "trainer.resume=false")
         self.peft.model.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         outcome = TrainOutcome(**state["outcome"])
         outcome.resumed_from_epoch = state["epoch"]
         return state["epoch"], outcome
+
+    def _checkpoint_due(self, epoch: int, last_written: float) -> bool:
+        """At an epoch end: every `checkpoint_every_epochs` epochs if set, else once
+        `checkpoint_every_minutes` of work have passed since the last write (an epoch of
+        VTAB-1K takes about a second on an H100: a checkpoint per epoch would be mostly I/O)."""
+        every_epochs = self.cfg.get("checkpoint_every_epochs")
+        if every_epochs:
+            return epoch % every_epochs == 0
+        minutes = self.cfg.get("checkpoint_every_minutes", 5.0)
+        return minutes is not None and time.monotonic() - last_written >= 60.0 * minutes
 
     def _write_metrics_csv(self, history: list[dict]) -> None:
         columns = sorted({key for row in history for key in row}, key=lambda k: (k != "epoch", k))
@@ -180,20 +282,51 @@ class Trainer:
             if limit_batches is not None and index >= limit_batches:
                 break
             labels = labels.to(self.device)
+            inputs = self._prepare(images)
+            if self.compiled and len(inputs) < self.cfg["eval_batch_size"]:
+                padding = inputs.new_zeros((self.cfg["eval_batch_size"] - len(inputs), *inputs.shape[1:]))
+                inputs = torch.cat([inputs, padding]).contiguous(memory_format=self.memory_format)
             with self._autocast():
-                logits = self.forward(self._prepare(images))
+                logits = self.forward(inputs)[: len(labels)]
             loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
             correct += (logits.argmax(dim=1) == labels).sum()
             seen += labels.numel()
         return {"top1": 100.0 * correct.item() / seen, "loss": loss_sum.item() / seen, "images": seen}
 
     # --- the loop ---------------------------------------------------------------------------
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimisation step on a batch (uint8 images); returns the detached loss.
+
+        `san-bench` times exactly this function, so its figures are the trainer's."""
+        labels = labels.to(self.device, non_blocking=True)
+        with self._autocast():
+            logits = self.forward(self._prepare(images))
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg["label_smoothing"])
+            regularization = self.peft.regularization_loss()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss if regularization is None else loss + regularization).backward()
+        if self.cfg["grad_clip_norm"]:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(self._trainable, self.cfg["grad_clip_norm"])
+        self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
+        self.scaler.update()
+        return loss.detach()
+
+    def move_cached_splits(self, *loaders) -> dict[str, bool]:
+        """Copy cached splits to the device once, within `trainer.cache_device_budget` (GiB or auto)."""
+        budget = cache_device_budget_bytes(self.cfg.get("cache_device_budget", "auto"), self.device)
+        moved = {}
+        for name, loader in zip(("fit", "evaluate"), loaders):
+            if hasattr(loader, "to_device"):  # a cached split
+                moved[name] = loader.to_device(self.device, budget)
+                if moved[name] and budget is not None:
+                    budget -= loader.images.numel()
+        return moved
+
     def fit(self, fit_loader: DataLoader, eval_loader: DataLoader, eval_role: str,
             on_epoch: Callable[[dict], None] | None = None) -> TrainOutcome:
         cfg = self.cfg
-        for loader in (fit_loader, eval_loader):
-            if hasattr(loader, "to_device"):  # a cached split: copied to the device once
-                loader.to_device(self.device)
+        self.cached_on_device = self.move_cached_splits(fit_loader, eval_loader)
         epochs = cfg["epochs"]
         steps_per_epoch = len(fit_loader)
         if cfg["limit_train_batches"]:
@@ -208,68 +341,94 @@ class Trainer:
                 f"({self.optim_cfg.get('cooldown_epochs', 0)}) leave no epoch of the {epochs} for the cosine decay"
             )
         start_epoch, outcome = self._load_checkpoint()
-        trainable = [p for _, p in self.peft.named_trainable_parameters()]
         self.peft.on_fit_start(total_steps)
-
-        for epoch in range(start_epoch, epochs):
-            torch.manual_seed(epoch_seed(self.seed, epoch))
-            fit_loader.generator.manual_seed(epoch_seed(self.seed, epoch))
-            self.peft.set_train_mode(True)
-            loss_sum = torch.zeros((), device=self.device)
-            images_seen = 0
-            started = time.perf_counter()
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
-                       disable=None if cfg["progress"] else True, dynamic_ncols=True)
-            for index, (images, labels) in enumerate(fit_loader):
-                if index >= steps_per_epoch:
-                    break
-                step = epoch * steps_per_epoch + index
-                lr = self._set_lr(step, decay_steps, warmup_steps)
-                labels = labels.to(self.device, non_blocking=True)
-                with self._autocast():
-                    logits = self.forward(self._prepare(images))
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg["label_smoothing"])
-                    regularization = self.peft.regularization_loss()
-                self.optimizer.zero_grad(set_to_none=True)
-                (loss if regularization is None else loss + regularization).backward()
-                if cfg["grad_clip_norm"]:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip_norm"])
-                self.optimizer.step()
-                self.peft.after_optimizer_step(step)
-                loss_sum += loss.detach() * labels.numel()
-                images_seen += labels.numel()
-                if (index + 1) % cfg["nan_check_every"] == 0 or index + 1 == steps_per_epoch:
-                    # A host sync, so only every few steps: enough to stop a diverged run early.
-                    if not torch.isfinite(loss_sum):
-                        raise NonFiniteLossError(
-                            f"training loss became non-finite in epoch {epoch + 1}, step {index + 1} "
-                            f"(lr {lr:.3g}); lower optim.lr or enable trainer.grad_clip_norm"
-                        )
-                    bar.set_postfix(loss=f"{loss_sum.item() / images_seen:.4f}", lr=f"{lr:.2e}")
-                bar.update(1)
-            bar.close()
-            outcome.train_seconds += time.perf_counter() - started
-            outcome.train_images += images_seen
-            row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / images_seen,
-                   "train_seconds": time.perf_counter() - started}
-            last = epoch + 1 == epochs
-            if last or (epoch + 1) % cfg["eval_every"] == 0:
-                started = time.perf_counter()
-                metrics = self.evaluate(eval_loader, cfg["limit_eval_batches"])
-                outcome.eval_seconds += time.perf_counter() - started
-                outcome.eval_images += metrics.pop("images")
-                row.update({f"{eval_role}_{name}": value for name, value in metrics.items()})
-            outcome.history.append(row)
-            self._write_metrics_csv(outcome.history)
-            self._save_checkpoint(epoch + 1, outcome)
-            if on_epoch is not None:
-                on_epoch(row)
-            summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "lr"))
-            print(f"epoch {epoch + 1}/{epochs}: {summary}", flush=True)
+        with _sigterm_flag() as terminated:
+            last_checkpoint = time.monotonic()
+            for epoch in range(start_epoch, epochs):
+                row = self._fit_epoch(epoch, epochs, steps_per_epoch, decay_steps, warmup_steps, fit_loader,
+                                      outcome)
+                last = epoch + 1 == epochs
+                # By default only the last epoch is evaluated: the test split is read once by a final
+                # run. eval_every > 0 adds a curve (tune runs: val only; see configs/trainer).
+                if last or (cfg["eval_every"] and (epoch + 1) % cfg["eval_every"] == 0):
+                    started = time.perf_counter()
+                    metrics = self.evaluate(eval_loader, cfg["limit_eval_batches"])
+                    outcome.eval_seconds += time.perf_counter() - started
+                    outcome.eval_images += metrics.pop("images")
+                    outcome.evaluations += 1
+                    row.update({f"{eval_role}_{name}": value for name, value in metrics.items()})
+                outcome.history.append(row)
+                self._write_metrics_csv(outcome.history)
+                if not last and (terminated.is_set() or self._checkpoint_due(epoch + 1, last_checkpoint)):
+                    self._save_checkpoint(epoch + 1, outcome)
+                    last_checkpoint = time.monotonic()
+                if on_epoch is not None:
+                    on_epoch(row)
+                summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "lr"))
+                print(f"epoch {epoch + 1}/{epochs}: {summary}", flush=True)
+                if terminated.is_set() and not last:
+                    raise TrainingInterrupted(
+                        f"SIGTERM received: stopped after epoch {epoch + 1}/{epochs} with a checkpoint in "
+                        f"{self.checkpoint_path}; run the same command again to resume")
         return outcome
+
+    def _fit_epoch(self, epoch: int, epochs: int, steps_per_epoch: int, decay_steps: int, warmup_steps: int,
+                   fit_loader, outcome: TrainOutcome) -> dict:
+        cfg = self.cfg
+        torch.manual_seed(epoch_seed(self.seed, epoch))
+        fit_loader.generator.manual_seed(epoch_seed(self.seed, epoch))
+        self.peft.set_train_mode(True)
+        loss_sum = torch.zeros((), device=self.device)
+        images_seen = 0
+        started = time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                   disable=None if cfg["progress"] else True, dynamic_ncols=True)
+        lr = 0.0
+        for index, (images, labels) in enumerate(fit_loader):
+            if index >= steps_per_epoch:
+                break
+            step = epoch * steps_per_epoch + index
+            lr = self._set_lr(step, decay_steps, warmup_steps)
+            loss = self.train_step(images, labels)
+            self.peft.after_optimizer_step(step)
+            loss_sum += loss * labels.numel()
+            images_seen += labels.numel()
+            if (index + 1) % cfg["nan_check_every"] == 0 or index + 1 == steps_per_epoch:
+                # A host sync, so only every few steps: enough to stop a diverged run early.
+                if not torch.isfinite(loss_sum):
+                    raise NonFiniteLossError(
+                        f"training loss became non-finite in epoch {epoch + 1}, step {index + 1} "
+                        f"(lr {lr:.3g}); lower optim.lr or enable trainer.grad_clip_norm"
+                    )
+                bar.set_postfix(loss=f"{loss_sum.item() / images_seen:.4f}", lr=f"{lr:.2e}")
+            bar.update(1)
+        bar.close()
+        outcome.train_seconds += time.perf_counter() - started
+        outcome.train_images += images_seen
+        return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / images_seen,
+                "train_seconds": time.perf_counter() - started}
 
     def discard_checkpoint(self) -> None:
         """After the record is complete the checkpoint is only disk weight."""
         if not self.cfg["keep_checkpoint"]:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.checkpoint_path)
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+    """A flag set by SIGTERM while training (main thread only; elsewhere a flag that stays clear).
+
+    SLURM sends SIGTERM at preemption and at the time limit (then SIGKILL after KillWait, 30 s
+    by default): the epoch in progress finishes, is checkpointed, and the run stops cleanly.
+    The previous handler is restored afterwards; SIGUSR1 is left to submitit, which uses it to
+    requeue jobs."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -181,8 +181,10 @@ def _sweep_command(root: Path, data_dir: Path, *extra: str) -> list[str]:
 
 
 def test_killed_sweep_resumes_without_lost_or_duplicated_records(tmp_path, demo_data):
+    # A checkpoint every epoch: by default one is written after minutes of work, which a
+    # 4-epoch demo run never reaches, so there would be nothing to resume from.
     command = _sweep_command(tmp_path, demo_data, "trainer.epochs=4", "trainer.batch_size=8",
-                             "trainer.limit_train_batches=25")
+                             "trainer.limit_train_batches=25", "trainer.checkpoint_every_epochs=1")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                                env=ONE_THREAD)
     deadline = time.time() + 240

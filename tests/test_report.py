@@ -146,3 +146,26 @@ def test_runs_directory_report_makes_one_table_per_backbone(results, tmp_path):
     assert sorted(t.backbone for t in report.tables) == ["swin_b_in22k", "vit_b16_in21k"]
     swin = next(t for t in report.tables if t.backbone == "swin_b_in22k")
     assert not any(r.source == "published" for r in swin.rows)  # published rows are ViT-B/16 only
+
+
+def test_efficiency_reads_each_tasks_own_params_and_flops_from_the_records(tmp_path):
+    """VPT's prompt length differs per task: the table shows the mean over tasks and the range,
+    and FLOPs come from what each run counted (no model is built by the report)."""
+    import json
+
+    for task, params, flops in (("cifar", 92_160, 36.0e9), ("dtd", 9_216, 35.3e9)):
+        path = fixture_record(tmp_path, method="vpt_deep", task=task, seed=0, top1=50.0, params=params)
+        record = json.loads(path.read_text())
+        record["efficiency"] = {"forward_flops_per_image": flops, "train_flops_per_image": 2 * flops}
+        record["data"] = {"variant": "jpeg_noah", "lists_sha256": {}}
+        write_record(path.parent, record)
+    fixture_record(tmp_path, method="ssf", task="cifar", seed=0, top1=60.0)  # an older record: no count
+    report = report_runs_dir(tmp_path / "runs", tmp_path / "t", with_flops=True, with_plots=False)
+    csv = next(p for p in report.files if p.name.endswith("_efficiency.csv"))
+    frame = pd.read_csv(csv, index_col=0)
+    assert frame.loc["vpt_deep", "params without head (M)"] == pytest.approx((92_160 + 9_216) / 2 / 1e6)
+    assert frame.loc["vpt_deep", "params range over tasks (M)"] == "0.009-0.092"
+    assert frame.loc["vpt_deep", "GFLOPs / image"] == pytest.approx(35.65)
+    assert pd.isna(frame.loc["ssf", "GFLOPs / image"])  # never filled by building a model
+    assert frame.loc["vpt_deep", "data"] == "jpeg_noah" and frame.loc["ssf", "data"] == "unrecorded"
+    assert any("jpeg_noah (2 records)" in line for line in report.console)

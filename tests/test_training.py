@@ -71,28 +71,28 @@ def test_complete_run_is_skipped_on_rerun(tmp_path, tiny_task, capsys):
 
 
 def test_resume_after_interruption_continues_from_checkpoint(tmp_path, tiny_task, monkeypatch):
-    extra = ("method=full", "trainer.epochs=3")
+    extra = ("method=full", "trainer.epochs=3", "trainer.checkpoint_every_epochs=1")
     reference = json.loads(run(compose_config(tiny_overrides(tmp_path / "ref", tiny_task, *extra))).read_text())
 
     cfg = compose_config(tiny_overrides(tmp_path / "int", tiny_task, *extra))
-    original_evaluate = Trainer.evaluate
+    original_epoch = Trainer._fit_epoch
     calls = {"n": 0}
 
     def dies_in_second_epoch(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt("simulated kill")
-        return original_evaluate(self, *args, **kwargs)
+        return original_epoch(self, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "evaluate", dies_in_second_epoch)
+    monkeypatch.setattr(Trainer, "_fit_epoch", dies_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
     run_dir = run_dir_for(resolved(cfg))
     interrupted = json.loads((run_dir / "record.json").read_text())
     assert interrupted["status"] == "failed" and "simulated kill" in interrupted["error"]["message"]
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
-    monkeypatch.setattr(Trainer, "evaluate", original_evaluate)
+    monkeypatch.setattr(Trainer, "_fit_epoch", original_epoch)
     resumed = json.loads(run(cfg).read_text())
     assert resumed["status"] == "complete"
     assert resumed["cost"]["resumed_from_epoch"] == 1
@@ -124,7 +124,10 @@ def test_nan_loss_fails_clearly(tmp_path, tiny_task):
 
 
 def test_final_protocol_reports_test_and_keeps_best_epoch_apart(tmp_path, tiny_task):
-    record = json.loads(run(compose_config(tiny_overrides(tmp_path, tiny_task, "protocol=final"))).read_text())
+    once = json.loads(run(compose_config(tiny_overrides(tmp_path / "once", tiny_task, "protocol=final"))).read_text())
+    assert "best_epoch_on_test_top1_not_for_reporting" not in once["metrics"]  # test read once: no "best" to keep
+    record = json.loads(run(compose_config(tiny_overrides(tmp_path, tiny_task, "protocol=final",
+                                                          "trainer.eval_every=1"))).read_text())
     assert record["stage"] == "final"
     assert set(record["metrics"]["final"]) == {"test_top1", "test_loss"}
     assert record["splits"]["fit_images"] == 40

@@ -7,6 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from san.cli.config import config_dir
+from san.data.errors import DatasetError
 from san.data.vtab_spec import TASKS, as_tfds_split, resolve_slices, vtab_label
 
 # tfds split sizes of the VTAB sources (tfds catalogue), the input of the arithmetic.
@@ -66,9 +67,9 @@ def test_split_arithmetic(task):
 
 
 def test_a_slice_outside_its_split_is_a_named_error():
-    with pytest.raises(ValueError, match="cifar: val200 slice train"):
+    with pytest.raises(DatasetError, match=r"cifar: val200 slice train.*--tfds-version cifar=<version>"):
         resolve_slices("cifar", {"train": 1000, "test": 10})
-    with pytest.raises(KeyError, match="dtd: tfds split 'validation'"):
+    with pytest.raises(DatasetError, match="dtd: tfds split 'validation'"):
         resolve_slices("dtd", {"train": 1880, "test": 1880})
 
 
@@ -97,5 +98,12 @@ def test_dsprites_binning_and_smallnorb_attributes():
     assert [vtab_label("dsprites_ori", {"label_orientation": o}) for o in (0, 2, 3, 5, 39)] == [0, 0, 1, 2, 15]
     example = {"label_azimuth": 17, "label_elevation": 8}
     assert (vtab_label("smallnorb_azi", example), vtab_label("smallnorb_ele", example)) == (17, 8)
-    with pytest.raises(ValueError, match="outside 0..8"):
+    with pytest.raises(DatasetError, match="outside 0..8"):
         vtab_label("smallnorb_ele", {"label_elevation": 9})
+
+
+@pytest.mark.parametrize("task", sorted(EXPECTED))
+def test_published_test_sizes_follow_from_the_slices(task):
+    """The test sizes a copy without a manifest is held to = the test slice of the catalogue's split sizes."""
+    _, start, stop = resolve_slices(task, SIZES[task])["test"]
+    assert TASKS[task].test_count == stop - start

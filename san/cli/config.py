@@ -8,14 +8,17 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from san.errors import ConfigError
+
 
 def config_dir() -> str:
     """`configs/` at the project root (the package is installed editable), or $SAN_CONFIG_DIR."""
     directory = Path(os.environ.get("SAN_CONFIG_DIR") or Path(__file__).resolve().parents[2] / "configs")
     if not (directory / "config.yaml").is_file():
-        raise FileNotFoundError(
-            f"no Hydra config tree at {directory}; install the project editable (`make install`) "
-            "or set SAN_CONFIG_DIR to its configs/ folder"
+        raise ConfigError(
+            f"no Hydra config tree at {directory} (no config.yaml there); run from a checkout installed "
+            "editable (`make install`), or point SAN_CONFIG_DIR at the checkout's configs/ folder: "
+            "export SAN_CONFIG_DIR=/path/to/checkout/configs"
         )
     return str(directory)
 

@@ -6,16 +6,18 @@ own config comes resolved from the jobs file. On SLURM, submitit requeues a pree
 or timed-out job, and `run()` resumes it from its last epoch checkpoint.
 """
 
-import hydra
 from omegaconf import DictConfig
 
-from san.cli.config import config_dir
-from san.cli.job import run_entry
+from san.cli.console import hydra_script
 
 
-@hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def run_job(cfg: DictConfig) -> None:
+    from san.cli.job import run_entry
+
     print(run_entry(cfg.jobs_file, int(cfg.job_index)), flush=True)
+
+
+main = hydra_script("san.cli.hydra_job", run_job)
 
 
 if __name__ == "__main__":

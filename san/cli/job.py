@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from san.cli.console import console_script
 from san.run import run
 
 
@@ -16,7 +17,8 @@ def run_entry(jobs_file: str | Path, index: int) -> Path:
     return run(entries[index]["config"])
 
 
-def main(argv: list[str] | None = None) -> None:
+@console_script("san.cli.job")
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m san.cli.job", description=__doc__)
     parser.add_argument("--jobs", required=True, help="jobs file written by san-sweep")
     parser.add_argument("--index", required=True, type=int)

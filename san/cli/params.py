@@ -6,13 +6,13 @@ Prints one JSON object as its last line.
 from __future__ import annotations
 
 import json
-import sys
 
 from omegaconf import OmegaConf
 
 import san  # noqa: F401  (registers every method)
 from san.backbones import create_backbone
 from san.cli.config import compose_config
+from san.cli.console import console_script
 from san.methods.registry import build_method_from_config
 
 
@@ -25,8 +25,8 @@ def parameter_counts(overrides: list[str]) -> dict[str, int]:
     return peft.parameter_counts()
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+@console_script("san-params")
+def main(argv: list[str]) -> None:
     if any(arg in ("-h", "--help") for arg in argv):
         print(__doc__)
         return

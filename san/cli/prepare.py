@@ -16,9 +16,13 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _vtab(args: argparse.Namespace) -> None:
+    from san.data.splits import DatasetError
     from san.data.vtab_export import export_vtab
 
-    export_vtab(args.out, args.tasks, args.tfds_dir)
+    if any("=" not in pin for pin in args.tfds_version):
+        raise DatasetError(f"--tfds-version takes TASK=VERSION (e.g. oxford_iiit_pet=4.0.0), got {args.tfds_version}")
+    versions = dict(pin.split("=", 1) for pin in args.tfds_version)
+    export_vtab(args.out, args.tasks, args.tfds_dir, args.format, versions)
 
 
 def _fgvc(args: argparse.Namespace) -> None:
@@ -36,7 +40,8 @@ def _fgvc(args: argparse.Namespace) -> None:
 
 def _print_report(name: str, report, canonical: str | None, max_problems: int) -> None:
     alias = f" (= {canonical})" if canonical else ""
-    print(f"{'OK  ' if report.ok else 'FAIL'} {name}{alias}")
+    variant = f"  [{report.variant}]" if getattr(report, "variant", None) else ""
+    print(f"{'OK  ' if report.ok else 'FAIL'} {name}{alias}{variant}")
     for problem in report.problems[:max_problems]:
         print(f"     {problem}")
     if len(report.problems) > max_problems:
@@ -69,7 +74,7 @@ def _verify_folder(folder: Path, decode: bool):
         num_classes = manifest["num_classes"]
     else:
         return None
-    return verify_task_folder(folder, num_classes, decode=decode)
+    return verify_task_folder(folder, num_classes, decode=decode, progress=decode)
 
 
 def _verify(args: argparse.Namespace) -> None:
@@ -78,7 +83,12 @@ def _verify(args: argparse.Namespace) -> None:
     if not folders:
         raise SystemExit(f"no dataset folders under {root}; make them with `san-prepare vtab --out {root}` "
                          f"or `san-prepare fgvc --dataset <name> --src <official files>`")
-    failed = 0
+    vpt_splits = None
+    if args.vpt_splits:
+        from san.data.vpt_splits import load_vpt_splits
+
+        vpt_splits = load_vpt_splits(args.vpt_splits)
+    failed, compared = 0, []
     for folder in folders:
         report = _verify_folder(folder, args.decode)
         if report is None:
@@ -86,6 +96,14 @@ def _verify(args: argparse.Namespace) -> None:
             continue
         _print_report(folder.name, report, report.name if report.name != folder.name else None, args.max_problems)
         failed += not report.ok
+        if vpt_splits is not None and report.name in vpt_splits:
+            from san.data.vpt_splits import compare_with_vpt
+
+            compared.append(compare_with_vpt(folder, report.name, vpt_splits[report.name]))
+    if vpt_splits is not None:
+        print(f"VPT's split file {args.vpt_splits} ({len(vpt_splits)} tasks):")
+        for line in compared or ["no task folder here is in it"]:
+            print(f"     {line}")
     if failed:
         raise SystemExit(f"{failed} dataset folder(s) failed verification")
 
@@ -99,10 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
     from san.data.vtab_spec import TASKS as VTAB_TASKS
 
-    vtab = commands.add_parser("vtab", help="export VTAB-1K from tensorflow-datasets as PNG folders (pip install '.[tfds]')")
+    vtab = commands.add_parser("vtab", help="export VTAB-1K from tensorflow-datasets as PNG (or NOAH-style JPEG) "
+                                            "folders (pip install '.[tfds]')")
     vtab.add_argument("--out", default="data/vtab-1k", help="output folder (default: data/vtab-1k)")
     vtab.add_argument("--tasks", nargs="*", choices=sorted(VTAB_TASKS), help="tasks to export (default: all 19)")
     vtab.add_argument("--tfds-dir", default=None, help="tfds data_dir (default: tfds's own, ~/tensorflow_datasets)")
+    vtab.add_argument("--format", choices=["png", "jpeg"], default="png",
+                      help="png: lossless (default); jpeg: NOAH's release as SSF/NOAH/V-PETL used it (PIL's default "
+                           "quality, train800val200 as its own copies), to compare with their published rows")
+    vtab.add_argument("--tfds-version", action="append", default=[], metavar="TASK=VERSION",
+                      help="export TASK from this tfds version instead of the resolved one (VPT's where the installed "
+                           "tfds has it); repeatable")
     vtab.set_defaults(handler=_vtab)
     from san.data.fgvc_folder import IMAGE_MODES
     from san.data.fgvc_sources import SPECS as FGVC_SPECS
@@ -128,10 +153,23 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("root", help="folder holding one sub-folder per task or dataset (data/vtab-1k, data/fgvc)")
     verify.add_argument("--decode", action="store_true", help="also decode every image (finds truncated files)")
     verify.add_argument("--max-problems", type=int, default=10, help="problems printed per task")
+    verify.add_argument("--vpt-splits", default=None, metavar="FILE",
+                        help="VPT's vtab_trainval_splits.json: report per task how many of VPT's 1,000 training "
+                             "images the export does not have")
     verify.set_defaults(handler=_verify)
+    from san.cli import weights as weights_command
+
+    weights = commands.add_parser("weights", help="fetch the pinned pretrained checkpoints into the hub cache and "
+                                                  "print their sha256, to seed machines without the hub (make weights)")
+    weights_command.add_arguments(weights)
+    weights.set_defaults(handler=weights_command.run)
     return parser
 
 
+from san.cli.console import console_script  # noqa: E402  (user errors: one message, exit status 2)
+
+
+@console_script("san-prepare")
 def main(argv: list[str] | None = None) -> None:
     from san.data.errors import DatasetError
 

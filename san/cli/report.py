@@ -13,11 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from san.cli.console import console_script
 from san.report.render import to_markdown
 from san.report.report import ReportOutput, report_experiment, report_runs_dir
 
 
-def main(argv: list[str] | None = None) -> int:
+@console_script("san-report")
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="san-report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=vtab backbone=swin_b_in22k")
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: results/tables)")
     parser.add_argument("--no-flops", action="store_true", help="skip counting FLOPs for the efficiency table")
     parser.add_argument("--no-plots", action="store_true")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     options = dict(with_flops=not args.no_flops, with_plots=not args.no_plots)
     if any(o.startswith("experiment=") for o in args.overrides):
         output: ReportOutput = report_experiment(args.overrides, args.out, **options)

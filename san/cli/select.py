@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import sys
 
+from san.cli.console import EXIT_USER_ERROR, console_script
 from san.protocol.plan import Plan
 from san.protocol.selection import SelectionError
 from san.protocol.sweep import select
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+@console_script("san-select")
+def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         return 0
@@ -33,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{cell.label()}: {' '.join(chosen['overrides'])}  val_top1 {chosen['val_top1']:.2f}"
               + (f"  ({gaps} grid point(s) missing/failed)" if gaps else ""))
     for problem in problems:
-        print(f"error: {problem}", file=sys.stderr)
+        print(f"san-select: error: {problem}", file=sys.stderr)
     print(f"selection files: {plan.sweep_dir / 'selection'}")
-    return 1 if problems else 0
+    return EXIT_USER_ERROR if problems else 0
 
 
 if __name__ == "__main__":

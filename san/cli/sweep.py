@@ -4,32 +4,37 @@ Overrides are Hydra overrides, as for san-train; `method=X` / `dataset=Y` narrow
 experiment to one method / task. Re-running the same command resumes: finished runs are
 skipped, interrupted ones continue from their last epoch.
 
-Options: --dry-run (count the runs and stop), --no-progress.
+Options: --dry-run (count the runs, print the cost account as one JSON line, and stop),
+--no-progress, --debug (traceback of a user error).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
-from san.protocol.sweep import dry_run, run_sweep
+from san.cli.console import console_script
+from san.errors import UserError
+from san.protocol.sweep import dry_run_report, run_sweep
 from san.report.render import to_markdown
 from san.report.report import report_experiment
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+@console_script("san-sweep")
+def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         return 0
     options = {a for a in argv if a.startswith("--")}
     unknown = options - {"--dry-run", "--no-progress"}
     if unknown:
-        print(f"unknown option(s) {sorted(unknown)}; accepted: ['--dry-run', '--no-progress']", file=sys.stderr)
-        return 2
+        raise UserError(f"unknown option(s) {sorted(unknown)}; accepted: --dry-run, --no-progress, --debug "
+                        "(see san-sweep --help)")
     overrides = [a for a in argv if not a.startswith("--")]
     if "--dry-run" in options:
-        counts = dry_run(overrides)
+        counts, costs = dry_run_report(overrides)
         print(", ".join(f"{k}: {v}" for k, v in counts.items()))
+        print(json.dumps(costs))  # the cost account, always the last line
         return 0
     result = run_sweep(overrides, progress="--no-progress" not in options)
     report = report_experiment(overrides)

@@ -1,15 +1,17 @@
 """`san-train`: one run, configured by Hydra overrides; prints the record path last."""
 
-import hydra
 from omegaconf import DictConfig
 
-from san.cli.config import config_dir
-from san.run import run
+from san.cli.console import hydra_script
 
 
-@hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def train(cfg: DictConfig) -> None:
+    from san.run import run  # imported after composition: a bad override is reported sooner
+
     print(run(cfg), flush=True)
+
+
+main = hydra_script("san-train", train)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from san.errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError, ValueError):
     """A dataset folder or split list is missing or malformed; the message says where."""
 
 
@@ -29,6 +31,7 @@ class VerifyReport:
     folder: Path
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    variant: str | None = None  # VTAB: the manifest's data_variant, or "external:<layout>" without one
 
     @property
     def ok(self) -> bool:

@@ -16,12 +16,14 @@ from typing import ClassVar, Iterator
 import torch
 from torch import nn
 
+from san.errors import UserError
 
-class NotMergeableError(RuntimeError):
+
+class NotMergeableError(UserError, RuntimeError):
     """The method adds computation that cannot be folded into the backbone's weights."""
 
 
-class UnsupportedBackboneError(ValueError):
+class UnsupportedBackboneError(UserError, ValueError):
     """The method has no defined placement on this backbone's architecture."""
 
 
@@ -56,7 +58,11 @@ class PeftModel:
         self.model = model
         self.config = config
         self.head = model.get_classifier()
+        device = next(model.parameters()).device
         self._adapt(model)
+        # Method layers are created on the CPU; a model adapted after it was moved to a GPU
+        # keeps every tensor on that GPU (a no-op for the tensors already there).
+        model.to(device)
         trainable = {id(p) for p in self._method_parameters()}
         if config.train_head:
             trainable |= {id(p) for p in self.head.parameters()}

@@ -7,12 +7,13 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from san.errors import ConfigError, UserError
 from san.methods.base import MethodConfig, PeftModel
 
 _METHODS: dict[str, type[PeftModel]] = {}
 
 
-class UnknownMethodError(KeyError):
+class UnknownMethodError(UserError, KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
 
@@ -44,8 +45,9 @@ def method_config(name: str, settings: Mapping[str, Any]) -> MethodConfig:
     accepted = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(settings) - accepted)
     if unknown:
-        raise ValueError(
-            f"method {name!r} has no setting(s) {unknown}; accepted: {sorted(accepted)}"
+        raise ConfigError(
+            f"method {name!r} has no setting(s) {unknown}; accepted: {sorted(accepted)} "
+            f"(set one as method.<setting>=<value>)"
         )
     return config_class(**dict(settings))
 

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 from tqdm.auto import tqdm
 
 from san.locks import RunBusyError, run_lock
+from san.trainer import TrainingInterrupted
 from san.protocol.plan import Job
 from san.records import atomic_write_bytes, read_record
 from san.run import run_and_report
@@ -112,6 +113,10 @@ class InProcessExecutor(Executor):
             except RunBusyError:
                 self.busy.add(index)
                 tqdm.write(f"   busy in another process, will wait for it: {job.run_dir}")
+            except TrainingInterrupted:
+                # SIGTERM (preemption, the time limit): the run checkpointed; starting the next one
+                # would only be killed by the SIGKILL that follows. The same command resumes.
+                raise
             except Exception as error:  # recorded in the run's record; the sweep goes on
                 tqdm.write(f"   failed ({type(error).__name__}: {error}); record: {job.record_path}")
             bar.update(1)

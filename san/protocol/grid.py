@@ -11,9 +11,10 @@ import json
 from typing import Any, Mapping, Sequence
 
 Point = tuple[str, ...]
+from san.errors import UserError
 
 
-class EmptyGridError(ValueError):
+class EmptyGridError(UserError, ValueError):
     pass
 
 

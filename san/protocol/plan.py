@@ -3,7 +3,8 @@
 An experiment (configs/experiment/<name>.yaml) names the tasks, the methods, the grid
 (`sweep=<grid>`) and the final seeds; the backbone comes from the `backbone` group. A
 cell is one backbone x method x task. Each job is a fully resolved run config, so any
-launcher can run it without composing anything.
+launcher can run it without composing anything. The jobs of a cell share one composition
+(`CellComposer`): only their seed and grid point differ.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import Any, Iterable
 from omegaconf import OmegaConf
 
 import san  # noqa: F401  (registers every method)
+from san.errors import UserError
 from san.cli.config import compose_config, config_dir
 from san.methods.registry import available_methods
+from san.protocol.compose import CellComposer
 from san.protocol.grid import Point, format_override, grid_points, task_overrides
 from san.run import resolved, run_dir_for
 
@@ -26,7 +29,7 @@ from san.run import resolved, run_dir_for
 PLAN_OWNED = ("method", "dataset", "protocol", "seed", "point")
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     pass
 
 
@@ -137,6 +140,7 @@ class Plan:
         self.retries: int = plan["retries"]
         self.sweep: dict[str, Any] = OmegaConf.to_container(self.root.sweep, resolve=True)
         self.backbone: str = self.root.backbone.name
+        self.composer = CellComposer()
         self._validate()
 
     def _validate(self) -> None:
@@ -172,13 +176,18 @@ class Plan:
     def selection_path(self, cell: Cell) -> Path:
         return self.sweep_dir / "selection" / cell.method / f"{cell.task}.json"
 
-    def _job(self, stage: str, cell: Cell, point: Point, seed: int) -> Job:
+    def job_overrides(self, stage: str, cell: Cell, point: Point, seed: int) -> tuple[list[str], list[str]]:
+        """(overrides shared by the cell's jobs of a stage, this job's own); a job's config is
+        `compose_config([*cell, *own])`. The job's own come last, so they win over the cell's."""
         entry = self.methods[cell.method]
-        overrides = [*self.shared, f"method={entry.config_name}", *entry.overrides, f"dataset={cell.task}",
-                     f"protocol={stage}", f"seed={seed}", *task_overrides(self.sweep, cell.task), *point]
+        cell_overrides = [*self.shared, f"method={entry.config_name}", *entry.overrides, f"dataset={cell.task}",
+                          f"protocol={stage}", *task_overrides(self.sweep, cell.task)]
         if entry.label != entry.config_name:
-            overrides.append(f"++method.label={entry.label}")
-        config = _absolute_paths(resolved(compose_config(overrides)))
+            cell_overrides.append(f"++method.label={entry.label}")
+        return cell_overrides, [f"seed={seed}", *point]
+
+    def _job(self, stage: str, cell: Cell, point: Point, seed: int) -> Job:
+        config = _absolute_paths(self.composer.config(*self.job_overrides(stage, cell, point, seed)))
         config["point"] = list(point)
         return Job(stage, cell, point, seed, config)
 

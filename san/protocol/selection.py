@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from san.errors import UserError
 from san.protocol.grid import Point
 from san.records import atomic_write_bytes, read_record
 
 TIE_BREAK = "highest val_top1, then lowest val_loss, then the earlier grid point"
 
 
-class SelectionError(RuntimeError):
+class SelectionError(UserError, RuntimeError):
     pass
 
 

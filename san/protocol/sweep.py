@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from san.protocol.costs import account
 from san.protocol.grid import grid_points
 from san.protocol.executors import Executor, Outcome, build_executor
 from san.protocol.plan import Cell, Job, Plan
@@ -96,9 +97,18 @@ def run_sweep(overrides: list[str], executor: Executor | None = None, progress: 
     return result
 
 
-def dry_run(overrides: list[str]) -> dict[str, int]:
+def run_counts(plan: Plan) -> dict[str, int]:
     """How many runs the sweep would launch (final runs: one selected point x seeds per cell)."""
-    plan = Plan(overrides)
     tune = sum(len(grid_points(plan.sweep, plan.methods[cell.method].config_name)) for cell in plan.cells)
     final = len(plan.cells) * len(plan.seeds)
     return {"cells": len(plan.cells), "tune_runs": tune, "final_runs": final, "total_runs": tune + final}
+
+
+def dry_run(overrides: list[str]) -> dict[str, int]:
+    return run_counts(Plan(overrides))
+
+
+def dry_run_report(overrides: list[str]) -> tuple[dict[str, int], dict[str, Any]]:
+    """(run counts, cost account) of the sweep `overrides` describe; nothing runs."""
+    plan = Plan(overrides)
+    return run_counts(plan), account(plan)

@@ -113,18 +113,19 @@ def write_table(table: SuiteTable, stem: Path, output: ReportOutput, fill_hint: 
     seeds = sorted({c.seeds for r in measured for t, c in r.cells.items() if t in table.tasks and c.seeds})
     output.console.append(f"{table.title} ({table.backbone}): {cells - len(table.missing)}/{cells} cells complete, "
                           f"seeds per cell {seeds or '-'} -> {stem}.md")
+    if not frame.empty:
+        variants = frame.groupby("data_variant").size()
+        output.console.append("  data: " + ", ".join(f"{variant} ({count} records)" for variant, count in variants.items()))
     for method, task in table.missing:
         output.console.append(f"  missing {method} x {task}: {fill_hint.format(method=method, task=task)}")
 
 
 def _flops(frame: pd.DataFrame) -> dict[str, float]:
-    from san.efficiency import flops_per_image  # imports timm; only when a table is written
-    from san.records import read_record
-
-    flops = {}
-    for method, rows in frame.groupby("method"):
-        flops[method] = float(flops_per_image(read_record(rows.path.iloc[0])["config"]))
-    return flops
+    """Forward FLOPs per image per method: the mean over its records of the figure each run
+    counted for its own task (VPT's prompt length and the head differ per task). Read from the
+    records only: the report builds no model. Methods whose records predate the count are left out."""
+    counted = frame.dropna(subset=["forward_flops_per_image"])
+    return {method: float(rows["forward_flops_per_image"].mean()) for method, rows in counted.groupby("method")}
 
 
 def report_runs_dir(runs_dir: Path, out_dir: Path, with_flops: bool = True, with_plots: bool = True) -> ReportOutput:

@@ -14,14 +14,15 @@ from typing import Iterable
 
 import pandas as pd
 
+from san.errors import UserError
 from san.records import SCHEMA_VERSION, find_records, read_record
 
 COLUMNS = ["suite", "task", "group", "backbone", "method", "seed", "identity", "top1", "params_without_head",
            "params_trainable", "train_images_per_s", "eval_images_per_s", "peak_mem_bytes", "peak_mem_kind",
-           "device", "path"]
+           "device", "forward_flops_per_image", "train_flops_per_image", "data_variant", "path"]
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError, RuntimeError):
     pass
 
 
@@ -49,7 +50,13 @@ def _row(record: dict, path: Path) -> dict:
         "params_trainable": record["params"]["trainable"],
         "train_images_per_s": cost.get("train_images_per_s"), "eval_images_per_s": cost.get("eval_images_per_s"),
         "peak_mem_bytes": cost.get("peak_mem_bytes"), "peak_mem_kind": cost.get("peak_mem_kind"),
-        "device": record.get("env", {}).get("device"), "path": str(path),
+        "device": record.get("env", {}).get("device"),
+        # counted at run time for this task's own model (records before schema 1.1 have none)
+        "forward_flops_per_image": record.get("efficiency", {}).get("forward_flops_per_image"),
+        "train_flops_per_image": record.get("efficiency", {}).get("train_flops_per_image"),
+        # png_lossless / jpeg_noah / external:<layout>: which copy of the data the run read
+        "data_variant": (record.get("data") or {}).get("variant") or "unrecorded",
+        "path": str(path),
     }
 
 

@@ -168,13 +168,20 @@ def efficiency_frame(frame: pd.DataFrame, flops: dict[str, float] | None = None)
         return pd.DataFrame()
     grouped = frame.groupby("method")
     table = pd.DataFrame({
-        "params without head (M)": grouped["params_without_head"].first() / 1e6,
+        # mean over the method's tasks: a method's count can differ per task (VPT's prompt length)
+        "params without head (M)": grouped["params_without_head"].mean() / 1e6,
         "train images/s": grouped["train_images_per_s"].mean(),
         "eval images/s (unmerged)": grouped["eval_images_per_s"].mean(),
         "peak memory (GiB)": grouped["peak_mem_bytes"].max() / 2**30,
         "memory measured as": grouped["peak_mem_kind"].first(),
         "device": grouped["device"].first(),
+        "data": grouped["data_variant"].agg(lambda variants: ", ".join(sorted(set(variants)))),
     })
+    spread = grouped["params_without_head"].agg(lambda counts: counts.max() - counts.min())
+    if (spread > 0).any():
+        low, high = grouped["params_without_head"].min() / 1e6, grouped["params_without_head"].max() / 1e6
+        table.insert(1, "params range over tasks (M)",
+                     [f"{low[m]:.3f}-{high[m]:.3f}" if spread[m] else "" for m in table.index])
     if flops:
         table.insert(1, "GFLOPs / image", [flops.get(m, math.nan) / 1e9 for m in table.index])
     return table
