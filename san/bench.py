@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 import san  # noqa: F401  (registers every method)
 from san.backbones import create_backbone, data_config
-from san.cli.config import compose_config
+from san.config import compose_config
 from san.cli.console import console_script
 from san.data.cache import TensorLoader, decode_split
 from san.data.images import ImageListDataset, build_transform

@@ -35,13 +35,13 @@ def unfused_attention():
         timm_layer_config._USE_FUSED_ATTN = previous
 
 
-def count_flops(model: torch.nn.Module, input_size: int) -> int:
+def count_flops(model: torch.nn.Module, input_size: int, device: str | torch.device = "cpu") -> int:
     """Forward FLOPs (matmuls and convs; elementwise scaling is not counted)."""
     model.eval()
     # Grad mode stays on: FlopCounterMode's module tracker rejects parameters that reach a
     # module as arguments under no_grad (VPT's prompts do).
     with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, input_size, input_size))
+        model(torch.zeros(1, 3, input_size, input_size, device=device))
     return counter.get_total_flops()
 
 
@@ -85,31 +85,27 @@ def run_flops(config: Mapping[str, Any]) -> dict[str, Any]:
     built there, else on the CPU at batch 1 (methods whose initialisation reads the weights,
     such as PiSSA's SVD). Global RNG state is left untouched, so counting never changes a
     run's result."""
-    backbone = dict(config["backbone"], pretrained=False, checkpoint_path=None)
-    num_classes = config["dataset"]["num_classes"]
-    with torch.random.fork_rng(devices=[]), unfused_attention():
-        for device in ("meta", "cpu"):
-            try:
-                with torch.device(device):
-                    model, _ = create_backbone(backbone, num_classes)
-                    peft = build_method_from_config(model, config["method"])
-                size = data_config(model, config["backbone"]["input_size"]).input_size
-                forward = count_flops_on(peft.model, size, device)
-                training = count_training_flops(peft.model, size, device)
-                return {"forward_flops_per_image": forward, "train_flops_per_image": training,
-                        "input_size": size, "counted_on": device}
-            except (NotImplementedError, RuntimeError) as error:
-                if device == "cpu":
-                    raise
-                fallback_reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-    raise AssertionError(fallback_reason)  # unreachable
+    backbone, num_classes = config["backbone"], config["dataset"]["num_classes"]
+    with torch.random.fork_rng(devices=[]):
+        try:
+            return count_adapted(backbone, config["method"], num_classes, "meta")[0]
+        except (NotImplementedError, RuntimeError):
+            return count_adapted(backbone, config["method"], num_classes, "cpu")[0]
 
 
-def count_flops_on(model: torch.nn.Module, input_size: int, device: str | torch.device) -> int:
-    model.eval()
-    with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, input_size, input_size, device=device))
-    return counter.get_total_flops()
+def count_adapted(backbone: Mapping[str, Any], method: Mapping[str, Any], num_classes: int,
+                  device: str) -> tuple[dict[str, Any], Any]:
+    """Build the adapted model on `device` (random weights) and count its forward and training
+    FLOPs per image; returns the counts and the adapted model (for its parameter counts)."""
+    with unfused_attention(), torch.device(device):
+        model, _ = create_backbone(dict(backbone, pretrained=False, checkpoint_path=None), num_classes)
+        peft = build_method_from_config(model, method)
+    size = data_config(model, backbone["input_size"]).input_size
+    with unfused_attention():
+        counts = {"forward_flops_per_image": count_flops(peft.model, size, device),
+                  "train_flops_per_image": count_training_flops(peft.model, size, device),
+                  "input_size": size, "counted_on": device}
+    return counts, peft
 
 
 # Dense bf16 tensor-core peak, TFLOP/s, keyed by the exact name torch.cuda.get_device_name()

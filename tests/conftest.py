@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from san.cli.config import compose_config
+from san.config import compose_config
 
 TINY_CLASSES = 4
 TINY_SIZES = {"train800": 32, "val200": 8, "test": 16}

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from san.backbones import WeightsUnavailableError, create_backbone, data_config, file_sha256, tensors_sha256
-from san.cli.config import compose_config
+from san.config import compose_config
 from san.cli.params import parameter_counts
 from omegaconf import OmegaConf
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from san.cli import console, params, sweep
-from san.cli.config import compose_config
+from san.config import compose_config
 from san.errors import ConfigError, UserError
 
 BIN = Path(sys.executable).parent

@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from san.cli.config import compose_config, config_dir
+from san.config import compose_config, config_dir
 from san.methods.registry import available_methods
 
 GROUPS = Path(config_dir())

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from san.cli.config import compose_config, config_dir
+from san.config import compose_config, config_dir
 from san.cli.params import parameter_counts
 from san.cli.sweep import main as sweep_main
 from san.efficiency import flops_per_image

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from san.cli.config import compose_config
+from san.config import compose_config
 from san.methods.registry import build_method
 from san.run import run
 from san.trainer import bf16_supported, resolve_precision

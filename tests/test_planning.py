@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from san.cli.config import compose_config
+from san.config import compose_config
 from san.protocol import compose as compose_module
 from san.protocol.compose import CellComposer, interpolation_references
 from san.protocol.grid import format_override, grid_points

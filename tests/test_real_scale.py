@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_overrides, write_tiny_vtab_task
-from san.cli.config import compose_config
+from san.config import compose_config
 from san.locks import LockBusy, file_lock, run_lock, RunBusyError
 from san.records import read_record
 from san.run import identity, resolved, run, run_dir_for
@@ -278,12 +278,12 @@ def test_training_flops_are_counted_per_method():
 
 
 def test_depthwise_convolution_backward_is_not_counted_as_dense():
-    from san.efficiency import count_flops_on, count_training_flops
+    from san.efficiency import count_flops, count_training_flops
 
     conv = nn.Sequential(nn.Conv2d(3, 64, 1), nn.Conv2d(64, 64, 3, padding=1, groups=64))
     for parameter in conv[0].parameters():
         parameter.requires_grad_(False)
-    total_forward = count_flops_on(conv, 8, "cpu")
+    total_forward = count_flops(conv, 8, "cpu")
     depthwise = 2 * 64 * 9 * 8 * 8
     # backward: the depthwise conv's weight gradient (= its forward); no input gradient, since
     # nothing before it is trainable (torch's own formula would add 64x the weight gradient)

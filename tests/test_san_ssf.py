@@ -202,7 +202,7 @@ def test_san_trains_end_to_end(tmp_path, tiny_task):
     import json
 
     from conftest import tiny_overrides
-    from san.cli.config import compose_config
+    from san.config import compose_config
     from san.run import run
 
     for method in SCALING_METHODS:

@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_overrides
 from san.backbones import create_backbone, data_config
-from san.cli.config import compose_config
+from san.config import compose_config
 from san.data.loaders import build_loader
 from san.methods.registry import build_method
 from san.records import read_record

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from san.cli.config import config_dir
+from san.config import config_dir
 from san.data.errors import DatasetError
 from san.data.vtab_spec import TASKS, as_tfds_split, resolve_slices, vtab_label
 

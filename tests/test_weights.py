@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from san.backbones import WeightsUnavailableError, create_backbone
-from san.cli.config import compose_config, config_dir
+from san.config import compose_config, config_dir
 from san.cli.weights import pinned_weights
 
 BIN = Path(sys.executable).parent

@@ -167,7 +167,7 @@ def hydra_script(prog: str, task: Callable[[Any], Any], config_name: str = "conf
     """
     import hydra
 
-    from san.cli.config import config_dir
+    from san.config import config_dir
 
     user_setting: dict[str, str | None] = {}
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 import san  # noqa: F401  (registers every method)
 from san.backbones import create_backbone
-from san.cli.config import compose_config
+from san.config import compose_config
 from san.cli.console import console_script
 from san.methods.registry import build_method_from_config
 

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> None:
     from huggingface_hub import constants
 
     from san.backbones import WeightsUnavailableError, file_sha256
-    from san.cli.config import config_dir
+    from san.config import config_dir
 
     pinned = pinned_weights(config_dir())
     if args.backbones:

@@ -9,7 +9,6 @@ from typing import Any, Mapping
 import torch
 from torch.utils.data import DataLoader
 
-from san.backbones import DataConfig
 from san.data.cache import TensorLoader, cached_split
 from san.data.images import ImageListDataset, build_transform, is_deterministic
 from san.data.splits import read_split
@@ -25,11 +24,12 @@ def resolve_num_workers(setting: int | str) -> int:
     return int(setting)
 
 
-def build_loader(dataset: Mapping[str, Any], role: str, data_config: DataConfig, *, train: bool,
+def build_loader(dataset: Mapping[str, Any], role: str, data_config: Any, *, train: bool,
                  batch_size: int, num_workers: int | str, cache_dir: str | Path | None = None,
                  progress: bool = True, pin_memory: bool = False) -> DataLoader | TensorLoader:
-    """A loader for a split role. With `cache_dir`, a split whose transform is
-    deterministic (VTAB's resize; any evaluation transform) is decoded once and served
+    """A loader for a split role. `data_config` carries the backbone's preprocessing as plain
+    values (input_size, interpolation), passed in by the caller: the data layer knows no
+    models. With `cache_dir`, a split whose transform is deterministic (VTAB's resize; any evaluation transform) is decoded once and served
     from a tensor; random augmentation (FGVC training) keeps the DataLoader path."""
     examples = read_split(dataset, role)
     transform = build_transform(dataset["transform"], data_config.input_size, data_config.interpolation, train)

@@ -26,7 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from omegaconf import AnyNode, DictConfig, OmegaConf
 
-from san.cli.config import compose_config
+from san.config import compose_config
 from san.run import resolved
 
 # The innermost `${...}` of an interpolation string.

@@ -30,13 +30,9 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-
 import san  # noqa: F401  (registers every method)
-from san.backbones import create_backbone, data_config
-from san.efficiency import count_flops_on, count_training_flops, unfused_attention
+from san.efficiency import count_adapted
 from san.methods.base import UnsupportedBackboneError
-from san.methods.registry import build_method_from_config
 
 TABLE_PATH = Path(__file__).with_name("model_costs.json")
 REFERENCE_CLASSES = 100
@@ -53,12 +49,8 @@ def cost_key(backbone: Mapping[str, Any], method: Mapping[str, Any]) -> str:
 
 
 def _count(backbone: Mapping[str, Any], method: Mapping[str, Any], device: str) -> dict[str, Any]:
-    with torch.device(device), unfused_attention():
-        model, _ = create_backbone(dict(backbone, pretrained=False, checkpoint_path=None), REFERENCE_CLASSES)
-        peft = build_method_from_config(model, method)
-        size = data_config(model, backbone["input_size"]).input_size
-        forward = count_flops_on(peft.model, size, device)
-        train = count_training_flops(peft.model, size, device)
+    flops, peft = count_adapted(backbone, method, REFERENCE_CLASSES, device)
+    forward, train = flops["forward_flops_per_image"], flops["train_flops_per_image"]
     counts = peft.parameter_counts()
     head = sum(p.numel() for p in peft.head.parameters())
     return {"forward_flops": int(forward), "train_flops": int(train),

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 import san  # noqa: F401  (registers every method)
 from san.errors import UserError
-from san.cli.config import compose_config, config_dir
+from san.config import compose_config, config_dir
 from san.methods.registry import available_methods
 from san.protocol.compose import CellComposer
 from san.protocol.grid import Point, format_override, grid_points, task_overrides

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from san.cli.config import config_dir
+from san.config import config_dir
 from san.report import plots, render
 from san.report.results import LoadedResults, load_final_results, load_results_dir
 from san.report.tables import SuiteTable, build_suite_table, efficiency_frame

@@ -13,7 +13,7 @@ from san.errors import ConfigError
 
 def config_dir() -> str:
     """`configs/` at the project root (the package is installed editable), or $SAN_CONFIG_DIR."""
-    directory = Path(os.environ.get("SAN_CONFIG_DIR") or Path(__file__).resolve().parents[2] / "configs")
+    directory = Path(os.environ.get("SAN_CONFIG_DIR") or Path(__file__).resolve().parents[1] / "configs")
     if not (directory / "config.yaml").is_file():
         raise ConfigError(
             f"no Hydra config tree at {directory} (no config.yaml there); run from a checkout installed "
