@@ -24,7 +24,7 @@ HUB_OFFLINE := HF_HUB_OFFLINE=$(or $(HF_HUB_OFFLINE),1)
 export WANDB_MODE ?= disabled
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-offline wheelhouse weights test test-gpu demo data-demo data-vtab data-fgvc data-verify vtab fgvc sweep tables bench lock clean-results
+.PHONY: help install install-offline wheelhouse weights lint format test test-fast test-gpu demo data-demo data-vtab data-fgvc data-verify vtab fgvc sweep tables bench lock clean-results
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -47,8 +47,19 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PIP) install --quiet --no-deps -e .
 	@touch $@
 
-test: install ## Run the test suite (offline)
+lint: install ## ruff: lint and format check (pyproject.toml [tool.ruff]); `make format` fixes what it can
+	$(VENV)/bin/ruff check san baselines tests scripts
+	$(VENV)/bin/ruff format --check san baselines tests scripts
+
+format: install ## Apply ruff's fixes and format
+	$(VENV)/bin/ruff check --fix san baselines tests scripts
+	$(VENV)/bin/ruff format san baselines tests scripts
+
+test: lint ## Lint, then run the test suite (offline)
 	$(HUB_OFFLINE) $(PY) -m pytest -q tests
+
+test-fast: install ## The tests without the ones marked slow (real training runs, wheel builds): a quick check while editing
+	$(HUB_OFFLINE) $(PY) -m pytest -q -m "not slow" tests
 
 test-gpu: install ## Only the CUDA tests (tests marked gpu; they skip without a GPU)
 	$(HUB_OFFLINE) $(PY) -m pytest -q -m gpu tests

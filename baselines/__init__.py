@@ -1,3 +1,11 @@
-"""Baseline methods. Importing this package registers each of them."""
+"""Baseline methods, a plugin of the suite (entry point `baselines` in pyproject.toml).
 
-from baselines import adapter, bitfit, full, linear, peft_family, ssf, vpt  # noqa: F401
+Importing the package imports every module in it, and each registers its methods: a new
+baseline is one new module here, nothing else to list.
+"""
+
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

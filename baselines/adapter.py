@@ -1,5 +1,6 @@
-"""Bottleneck adapters around every transformer MLP: `adapter` (sequential, after the MLP,
-as in Houlsby / Pfeiffer-style adapters) and `adaptformer` (parallel to the MLP, scaled).
+"""Bottleneck adapters around every transformer MLP: sequential, after the MLP, as in
+Houlsby / Pfeiffer-style adapters (`adapter`), or parallel to the MLP and scaled (the
+`adaptformer` variant, configs/method/adaptformer.yaml).
 
 Sequential:  h = MLP(u);  out = h + up(act(down(h)))
 Parallel:    out = MLP(u) + scale * up(act(down(u)))      (AdaptFormer's equations, u = LN(x))
@@ -17,9 +18,9 @@ from dataclasses import dataclass, field
 from timm.layers import Mlp
 from torch import nn
 
-from san.methods.base import MethodConfig, PeftModel, UnsupportedBackboneError
+from san.methods.base import AdaptedModel, MethodConfig, UnsupportedBackboneError
 from san.methods.registry import register_method
-from san.methods.scaling import replace_module
+from san.methods.surgery import replace_module
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -29,8 +30,10 @@ class AdapterConfig(MethodConfig):
     dim: int = field(default=8, metadata={"help": "Bottleneck width."})
     activation: str = field(default="relu", metadata={"help": f"Bottleneck non-linearity: {sorted(ACTIVATIONS)}."})
     scale: float = field(default=1.0, metadata={"help": "Multiplier of the adapter's output."})
-    parallel: bool = field(default=False, metadata={
-        "help": "Parallel to the MLP, reading its input (AdaptFormer), or sequential after it."})
+    parallel: bool = field(
+        default=False,
+        metadata={"help": "Parallel to the MLP, reading its input (AdaptFormer), or sequential after it."},
+    )
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -61,7 +64,9 @@ class AdaptedMlp(nn.Module):
         return h + self.adapter(x if self.parallel else h)
 
 
-class Adapter(PeftModel):
+class Adapter(AdaptedModel):
+    """A bottleneck adapter around every transformer MLP (timm Mlp); not mergeable."""
+
     config_class = AdapterConfig
     mergeable = False
 
@@ -69,13 +74,15 @@ class Adapter(PeftModel):
         mlps = [m for m in model.modules() if isinstance(m, Mlp)]
         if not mlps:
             raise UnsupportedBackboneError(
-                f"{self.method_name} wraps transformer MLP blocks (timm Mlp); {type(model).__name__} has none")
+                f"{self.method_name} wraps transformer MLP blocks (timm Mlp); {type(model).__name__} has none"
+            )
         cfg = self.config
         for mlp in mlps:
             # the MLP's input width is its output width in every pre-norm block
             width = mlp.fc2.out_features
-            replace_module(model, mlp, AdaptedMlp(mlp, Bottleneck(width, cfg.dim, cfg.activation, cfg.scale),
-                                                  cfg.parallel))
+            replace_module(
+                model, mlp, AdaptedMlp(mlp, Bottleneck(width, cfg.dim, cfg.activation, cfg.scale), cfg.parallel)
+            )
 
     def _method_parameters(self):
         for module in self.model.modules():
@@ -83,20 +90,4 @@ class Adapter(PeftModel):
                 yield from module.parameters()
 
 
-@dataclass
-class AdaptFormerConfig(AdapterConfig):
-    scale: float = field(default=0.1, metadata={"help": "Multiplier of the adapter's output (AdaptFormer: 0.1)."})
-    parallel: bool = field(default=True, metadata={
-        "help": "Parallel to the MLP, reading its input (AdaptFormer), or sequential after it."})
-
-
-class SequentialAdapter(Adapter):
-    config_class = AdapterConfig
-
-
-class AdaptFormer(Adapter):
-    config_class = AdaptFormerConfig
-
-
-register_method("adapter", SequentialAdapter)
-register_method("adaptformer", AdaptFormer)
+register_method("adapter", Adapter)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from san.methods.base import MethodConfig, PeftModel
+from san.methods.base import AdaptedModel, MethodConfig
 from san.methods.registry import register_method
 
 
@@ -18,7 +18,7 @@ class BitFitConfig(MethodConfig):
     """BitFit has no settings beyond the shared ones."""
 
 
-class BitFit(PeftModel):
+class BitFit(AdaptedModel):
     config_class = BitFitConfig
 
     def _method_parameters(self):

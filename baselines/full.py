@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from san.methods.base import MethodConfig, PeftModel
+from san.methods.base import AdaptedModel, MethodConfig
 from san.methods.registry import register_method
 
 
@@ -13,7 +13,7 @@ class FullFinetuneConfig(MethodConfig):
     )
 
 
-class FullFinetune(PeftModel):
+class FullFinetune(AdaptedModel):
     config_class = FullFinetuneConfig
 
     def _method_parameters(self):

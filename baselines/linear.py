@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from san.methods.base import MethodConfig, PeftModel
+from san.methods.base import AdaptedModel, MethodConfig
 from san.methods.registry import register_method
 
 
@@ -11,7 +11,7 @@ class LinearProbeConfig(MethodConfig):
     """Linear probing has no settings beyond the shared ones."""
 
 
-class LinearProbe(PeftModel):
+class LinearProbe(AdaptedModel):
     config_class = LinearProbeConfig
 
 

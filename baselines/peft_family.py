@@ -28,10 +28,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from san.methods.base import MethodConfig, PeftModel, UnsupportedBackboneError
+from san.methods.base import AdaptedModel, MethodConfig, UnsupportedBackboneError
+from san.methods.peft_tuners import ADAPTER, adapter_parameters, tuner_layers
 from san.methods.registry import register_method
-
-ADAPTER = "default"
 
 
 def auto_targets(model: nn.Module) -> list[str]:
@@ -47,23 +46,14 @@ def auto_targets(model: nn.Module) -> list[str]:
     return [n for n, m in named if isinstance(m, nn.Conv2d) and m.groups == 1 and m.kernel_size == (1, 1)]
 
 
-def adapter_parameters(layers) -> Iterator[nn.Parameter]:
-    """The trainable tensors peft tuner layers declare (their `adapter_layer_names`), found structurally."""
-    for layer in layers:
-        for name in layer.adapter_layer_names:
-            container = getattr(layer, name, None)
-            if container is None or ADAPTER not in container:
-                continue
-            item = container[ADAPTER]
-            yield from ([item] if isinstance(item, nn.Parameter) else item.parameters())
-
-
 @dataclass
 class HFPeftConfig(MethodConfig):
     target_modules: Any = field(
         default="auto",
-        metadata={"help": "'auto' (attention qkv; else Linear layers but the head; else 1x1 convs), a list of "
-                          "module-name suffixes, or a regex string matched against full module names."},
+        metadata={
+            "help": "'auto' (attention qkv; else Linear layers but the head; else 1x1 convs), a list of "
+            "module-name suffixes, or a regex string matched against full module names."
+        },
     )
 
     def peft_config(self, targets: list[str] | str):
@@ -95,9 +85,13 @@ class DoraConfig(LoraConfig):
 
 @dataclass
 class PissaConfig(LoraConfig):
-    init: str = field(default="pissa", metadata={
-        "help": "'pissa' (exact SVD) or 'pissa_niter_<k>' (fast randomised SVD); the principal part "
-                "moves from W into the adapter, so the initial function is unchanged."})
+    init: str = field(
+        default="pissa",
+        metadata={
+            "help": "'pissa' (exact SVD) or 'pissa_niter_<k>' (fast randomised SVD); the principal part "
+            "moves from W into the adapter, so the initial function is unchanged."
+        },
+    )
 
     def peft_config(self, targets):
         import peft
@@ -110,10 +104,13 @@ class AdaLoraConfig(HFPeftConfig):
     init_rank: int = field(default=12, metadata={"help": "Initial rank of every SVD adapter."})
     target_rank: int = field(default=8, metadata={"help": "Average rank after budget allocation."})
     alpha: float = field(default=8, metadata={"help": "Scaling alpha."})
-    warmup_fraction: float = field(default=0.1, metadata={
-        "help": "Fraction of training steps before ranks start being pruned (AdaLoRA's tinit)."})
-    final_fraction: float = field(default=0.2, metadata={
-        "help": "Fraction of training steps at the end with the ranks frozen (AdaLoRA's tfinal)."})
+    warmup_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of training steps before ranks start being pruned (AdaLoRA's tinit)."}
+    )
+    final_fraction: float = field(
+        default=0.2,
+        metadata={"help": "Fraction of training steps at the end with the ranks frozen (AdaLoRA's tfinal)."},
+    )
     delta_t: int = field(default=10, metadata={"help": "Steps between two budget allocations."})
     orth_reg_weight: float = field(default=0.5, metadata={"help": "Weight of the orthogonality regulariser."})
 
@@ -121,9 +118,17 @@ class AdaLoraConfig(HFPeftConfig):
         import peft
 
         # total_step is only known once the trainer has its data; on_fit_start sets it.
-        return peft.AdaLoraConfig(target_modules=targets, init_r=self.init_rank, target_r=self.target_rank,
-                                  lora_alpha=self.alpha, tinit=0, tfinal=0, deltaT=self.delta_t, total_step=1,
-                                  orth_reg_weight=self.orth_reg_weight)
+        return peft.AdaLoraConfig(
+            target_modules=targets,
+            init_r=self.init_rank,
+            target_r=self.target_rank,
+            lora_alpha=self.alpha,
+            tinit=0,
+            tfinal=0,
+            deltaT=self.delta_t,
+            total_step=1,
+            orth_reg_weight=self.orth_reg_weight,
+        )
 
 
 @dataclass
@@ -134,15 +139,20 @@ class BoftConfig(HFPeftConfig):
     def peft_config(self, targets):
         import peft
 
-        return peft.BOFTConfig(target_modules=targets, boft_block_size=self.block_size,
-                               boft_n_butterfly_factor=self.butterfly_factor)
+        return peft.BOFTConfig(
+            target_modules=targets, boft_block_size=self.block_size, boft_n_butterfly_factor=self.butterfly_factor
+        )
 
 
 @dataclass
 class IA3Config(HFPeftConfig):
-    feedforward_modules: Any = field(default="auto", metadata={
-        "help": "Targets whose input (not output) is scaled, as (IA)^3 does for the MLP's second layer. "
-                "'auto': the targets named fc2 (add them to the targets if missing)."})
+    feedforward_modules: Any = field(
+        default="auto",
+        metadata={
+            "help": "Targets whose input (not output) is scaled, as (IA)^3 does for the MLP's second layer. "
+            "'auto': the targets named fc2 (add them to the targets if missing)."
+        },
+    )
 
     def peft_config(self, targets):
         import peft
@@ -166,7 +176,7 @@ class VeraConfig(HFPeftConfig):
         return peft.VeraConfig(target_modules=targets, r=self.rank, projection_prng_key=self.seed)
 
 
-class HFPeftMethod(PeftModel):
+class HFPeftMethod(AdaptedModel):
     """A method implemented by a peft tuner, injected into the timm model in place."""
 
     config_class = HFPeftConfig
@@ -176,11 +186,18 @@ class HFPeftMethod(PeftModel):
         if chosen == "auto":
             targets = auto_targets(model)
             if isinstance(self.config, IA3Config):
-                targets = sorted(set(targets) | {n for n, m in model.named_modules()
-                                                 if n.rsplit(".", 1)[-1] == "fc2" and isinstance(m, nn.Linear)})
+                targets = sorted(
+                    set(targets)
+                    | {
+                        n
+                        for n, m in model.named_modules()
+                        if n.rsplit(".", 1)[-1] == "fc2" and isinstance(m, nn.Linear)
+                    }
+                )
             if not targets:
                 raise UnsupportedBackboneError(
-                    f"{self.method_name}: {type(model).__name__} has no qkv, Linear or 1x1 conv to adapt")
+                    f"{self.method_name}: {type(model).__name__} has no qkv, Linear or 1x1 conv to adapt"
+                )
             return targets
         return chosen if isinstance(chosen, str) else list(chosen)
 
@@ -193,8 +210,9 @@ class HFPeftMethod(PeftModel):
         except (ValueError, TypeError) as error:
             raise UnsupportedBackboneError(
                 f"{self.method_name} cannot adapt {type(model).__name__} with targets "
-                f"{targets if isinstance(targets, str) else targets[:4]}: {error}") from error
-        self._tuner_layers = [m for m in model.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)]
+                f"{targets if isinstance(targets, str) else targets[:4]}: {error}"
+            ) from error
+        self._tuner_layers = tuner_layers(model)
 
     def _method_parameters(self) -> Iterator[nn.Parameter]:
         return adapter_parameters(self._tuner_layers)
@@ -217,8 +235,10 @@ class AdaLoraMethod(HFPeftMethod):
         peft_config.tinit = int(self.config.warmup_fraction * total_steps)
         peft_config.tfinal = int(self.config.final_fraction * total_steps)
         if peft_config.tinit >= total_steps - peft_config.tfinal:
-            raise ValueError(f"adalora: {total_steps} steps leave no budgeting phase between warmup_fraction "
-                             f"{self.config.warmup_fraction} and final_fraction {self.config.final_fraction}")
+            raise ValueError(
+                f"adalora: {total_steps} steps leave no budgeting phase between warmup_fraction "
+                f"{self.config.warmup_fraction} and final_fraction {self.config.final_fraction}"
+            )
 
     def regularization_loss(self) -> torch.Tensor | None:
         """AdaLoRA's orthogonality penalty: mean over adapters of ||P P^T - I||_F for A and B."""
@@ -227,8 +247,11 @@ class AdaLoraMethod(HFPeftMethod):
             for name, product in (("lora_A", lambda p: p @ p.T), ("lora_B", lambda p: p.T @ p)):
                 parameter = getattr(layer, name)[ADAPTER]
                 covariance = product(parameter)
-                terms.append(torch.linalg.matrix_norm(
-                    covariance - torch.eye(covariance.shape[0], device=covariance.device, dtype=covariance.dtype)))
+                terms.append(
+                    torch.linalg.matrix_norm(
+                        covariance - torch.eye(covariance.shape[0], device=covariance.device, dtype=covariance.dtype)
+                    )
+                )
         return self.config.orth_reg_weight * torch.stack(terms).mean() if terms else None
 
     def after_optimizer_step(self, step: int) -> None:

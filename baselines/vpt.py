@@ -20,7 +20,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from san.methods.base import MethodConfig, PeftModel, UnsupportedBackboneError
+from san.methods.base import AdaptedModel, MethodConfig, UnsupportedBackboneError
 from san.methods.registry import register_method
 
 
@@ -42,37 +42,38 @@ class Prompts(nn.Module):
         return self.dropout(self.tokens[index]).unsqueeze(0).expand(batch_size, -1, -1)
 
 
-class VPT(PeftModel):
+class VPT(AdaptedModel):
     config_class = VPTConfig
     mergeable = False
 
     def _adapt(self, model: nn.Module) -> None:
         if not isinstance(model, VisionTransformer):
+            # Swin would need VPT's per-window variant; convnets have no token sequence at all
             raise UnsupportedBackboneError(
-                f"{self.method_name} is defined for ViT-style token sequences (ViT, DINOv2), not "
-                f"{type(model).__name__}: Swin's windowed attention would need VPT's per-window variant, "
-                "which is not implemented")
+                f"{self.method_name} is defined for ViT-style token sequences (ViT, DINOv2), not {type(model).__name__}"
+            )
         cfg = self.config
         blocks = list(model.blocks)
         patch = model.patch_embed.patch_size
-        model.prompts = Prompts(len(blocks) if cfg.deep else 1, cfg.length, model.embed_dim,
-                                patch[0] * patch[1], cfg.dropout)
+        model.prompts = Prompts(
+            len(blocks) if cfg.deep else 1, cfg.length, model.embed_dim, patch[0] * patch[1], cfg.dropout
+        )
         prefix, length = model.num_prefix_tokens, cfg.length
 
         def insert(module, args):
             x = args[0]
-            return (torch.cat([x[:, :prefix], model.prompts.batch(0, x.shape[0]), x[:, prefix:]], dim=1),
-                    *args[1:])
+            return (torch.cat([x[:, :prefix], model.prompts.batch(0, x.shape[0]), x[:, prefix:]], dim=1), *args[1:])
 
         def replace(index):
             def hook(module, args):
                 x = args[0]
                 prompts = model.prompts.batch(index, x.shape[0])
-                return (torch.cat([x[:, :prefix], prompts, x[:, prefix + length:]], dim=1), *args[1:])
+                return (torch.cat([x[:, :prefix], prompts, x[:, prefix + length :]], dim=1), *args[1:])
+
             return hook
 
         def drop(module, args, output):
-            return torch.cat([output[:, :prefix], output[:, prefix + length:]], dim=1)
+            return torch.cat([output[:, :prefix], output[:, prefix + length :]], dim=1)
 
         self._hooks = [blocks[0].register_forward_pre_hook(insert)]
         if cfg.deep:

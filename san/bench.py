@@ -25,18 +25,17 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-import san  # noqa: F401  (registers every method)
+from san.atomic import atomic_write_bytes
 from san.backbones import create_backbone, data_config
-from san.config import compose_config
 from san.cli.console import console_script
+from san.config import compose_config
 from san.data.cache import TensorLoader, decode_split
-from san.data.images import ImageListDataset, build_transform
 from san.data.splits import read_split
+from san.data.transforms import ImageListDataset, build_transform
 from san.efficiency import model_flop_utilisation, peak_tflops, run_flops
 from san.methods.base import NotMergeableError, UnsupportedBackboneError
 from san.methods.registry import build_method_from_config
 from san.provenance import environment
-from san.records import atomic_write_bytes
 from san.trainer import Trainer, build_optimizer, resolve_device, resolve_precision
 
 # One method's VTAB-1K protocol: 19 tasks x (8 grid points on 800 images + 3 final seeds on
@@ -65,7 +64,9 @@ def _timed(function, iterations: int, warmup: int, device: torch.device, repeats
 
 
 def _config(backbone: str, method: str, input_size: int | None) -> dict[str, Any]:
-    overrides = [f"backbone={backbone}", f"method={method}"] + ([f"backbone.input_size={input_size}"] if input_size else [])
+    overrides = [f"backbone={backbone}", f"method={method}"] + (
+        [f"backbone.input_size={input_size}"] if input_size else []
+    )
     config = OmegaConf.to_container(compose_config(overrides), resolve=True)
     config["backbone"].update(pretrained=False, checkpoint_path=None)  # speed does not depend on weights
     return config
@@ -73,31 +74,36 @@ def _config(backbone: str, method: str, input_size: int | None) -> dict[str, Any
 
 def _build(config: dict[str, Any], device: torch.device, channels_last: bool):
     model, _ = create_backbone(config["backbone"], 10)
-    peft = build_method_from_config(model, config["method"])
+    adapted = build_method_from_config(model, config["method"])
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    peft.model.to(device, memory_format=memory_format)
-    return peft, memory_format
+    adapted.model.to(device, memory_format=memory_format)
+    return adapted, memory_format
 
 
-def train_step_images_per_s(config, device, batch_size, steps, warmup, *, channels_last, precision,
-                            compile_step: bool = False) -> tuple[float, int | None]:
+def train_step_images_per_s(
+    config, device, batch_size, steps, warmup, *, channels_last, precision, compile_step: bool = False
+) -> tuple[float, int | None]:
     """Images/s of the Trainer's own `train_step` (the code path a run takes) on uint8
     batches already on the device, as the decoded-split cache serves them."""
     import tempfile
 
-    peft, _ = _build(config, device, channels_last)
-    preprocessing = data_config(peft.model, config["backbone"]["input_size"])
+    adapted, _ = _build(config, device, channels_last)
+    preprocessing = data_config(adapted.model, config["backbone"]["input_size"])
     size = preprocessing.input_size
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (batch_size,), device=device)
-    trainer_cfg = dict(config["trainer"], device=str(device),
-                       precision={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision])
+    trainer_cfg = dict(
+        config["trainer"],
+        device=str(device),
+        precision={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision],
+    )
     if compile_step:
         trainer_cfg["compile"] = True
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(peft, preprocessing, trainer_cfg, config["optim"], 0, Path(run_dir), "bench",
-                          channels_last=channels_last)
-        peft.set_train_mode(True)
+        trainer = Trainer(
+            adapted, preprocessing, trainer_cfg, config["optim"], 0, Path(run_dir), "bench", channels_last=channels_last
+        )
+        adapted.set_train_mode(True)
         seconds = _timed(lambda: trainer.train_step(images, labels), steps, warmup, device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return batch_size / seconds, peak
@@ -108,8 +114,15 @@ def _concurrent_worker(args) -> float:
     if threads:
         torch.set_num_threads(threads)
     device = resolve_device(device_name)
-    images_per_s, _ = train_step_images_per_s(config, device, batch_size, steps, warmup, channels_last=channels_last,
-                                              precision=resolve_precision("auto", device))
+    images_per_s, _ = train_step_images_per_s(
+        config,
+        device,
+        batch_size,
+        steps,
+        warmup,
+        channels_last=channels_last,
+        precision=resolve_precision("auto", device),
+    )
     return images_per_s
 
 
@@ -128,8 +141,12 @@ def concurrent_runs_images_per_s(config, device, batch_size, steps, warmup, chan
         single = pool.submit(_concurrent_worker, job[:-1] + (0,)).result()
     with concurrent.futures.ProcessPoolExecutor(runs, mp_context=context) as pool:
         together = sum(pool.map(_concurrent_worker, [job] * runs))
-    return {"runs": runs, "single_images_per_s": single, "concurrent_total_images_per_s": together,
-            "gain": together / single}
+    return {
+        "runs": runs,
+        "single_images_per_s": single,
+        "concurrent_total_images_per_s": together,
+        "gain": together / single,
+    }
 
 
 def inference_images_per_s(model, device, batch_size, size, steps, warmup, precision, memory_format) -> float:
@@ -147,23 +164,33 @@ def inference_images_per_s(model, device, batch_size, size, steps, warmup, preci
 
 def reference_pipeline_images_per_s(config, device, task_dir: Path, batch_size: int, steps: int, workers: int) -> float:
     """The usual research-code step: PIL decode + resize per step in DataLoader workers, float32."""
-    peft, _ = _build(config, device, channels_last=False)
-    preprocessing = data_config(peft.model, config["backbone"]["input_size"])
-    dataset = {"name": task_dir.name, "format": "vtab_folder", "root": str(task_dir.parent), "folder": task_dir.name,
-               "num_classes": 10,
-               "splits": {"train": "train800"}}
+    adapted, _ = _build(config, device, channels_last=False)
+    preprocessing = data_config(adapted.model, config["backbone"]["input_size"])
+    dataset = {
+        "name": task_dir.name,
+        "format": "vtab_folder",
+        "root": str(task_dir.parent),
+        "folder": task_dir.name,
+        "num_classes": 10,
+        "splits": {"train": "train800"},
+    }
     transform = build_transform("resize", preprocessing.input_size, preprocessing.interpolation, True)
-    loader = torch.utils.data.DataLoader(ImageListDataset(read_split(dataset, "train"), transform),
-                                         batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
-    optimizer = build_optimizer(peft, config["optim"], device)
-    peft.set_train_mode(True)
+    loader = torch.utils.data.DataLoader(
+        ImageListDataset(read_split(dataset, "train"), transform),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+    )
+    optimizer = build_optimizer(adapted, config["optim"], device)
+    adapted.set_train_mode(True)
     seen, started = 0, None
     for index, (images, labels) in enumerate(loader):
         if index == 1:  # the first batch pays for worker start-up
             _sync(device)
             started, seen = time.perf_counter(), 0
         x = (images.to(device).float() - 127.5) / 127.5
-        loss = F.cross_entropy(peft.model(x), labels.to(device))
+        loss = F.cross_entropy(adapted.model(x), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -175,13 +202,19 @@ def reference_pipeline_images_per_s(config, device, task_dir: Path, batch_size: 
 
 
 def data_path_images_per_s(task_dir: Path, size: int, batch_size: int, workers: int) -> dict[str, float]:
-    dataset = {"name": task_dir.name, "format": "vtab_folder", "root": str(task_dir.parent), "folder": task_dir.name,
-               "num_classes": 10,
-               "splits": {"train": "train800"}}
+    dataset = {
+        "name": task_dir.name,
+        "format": "vtab_folder",
+        "root": str(task_dir.parent),
+        "folder": task_dir.name,
+        "num_classes": 10,
+        "splits": {"train": "train800"},
+    }
     examples = read_split(dataset, "train")
     transform = build_transform("resize", size, "bicubic", True)
-    loader = torch.utils.data.DataLoader(ImageListDataset(examples, transform), batch_size=batch_size,
-                                         shuffle=True, num_workers=workers)
+    loader = torch.utils.data.DataLoader(
+        ImageListDataset(examples, transform), batch_size=batch_size, shuffle=True, num_workers=workers
+    )
     started = time.perf_counter()
     count = sum(labels.numel() for _, labels in loader)
     per_step_decode = count / (time.perf_counter() - started)
@@ -192,17 +225,32 @@ def data_path_images_per_s(task_dir: Path, size: int, batch_size: int, workers: 
     return {"pil_dataloader": per_step_decode, "cached_tensor": count / (time.perf_counter() - started)}
 
 
-def run_bench(backbones: list[str], methods: list[str], batch_size: int, steps: int, warmup: int,
-              input_size: int | None, task_dir: Path | None, workers: int, device_name: str = "auto",
-              concurrent_runs: int = 0, compile_step: bool = False) -> dict:
+def run_bench(
+    backbones: list[str],
+    methods: list[str],
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    input_size: int | None,
+    task_dir: Path | None,
+    workers: int,
+    device_name: str = "auto",
+    concurrent_runs: int = 0,
+    compile_step: bool = False,
+) -> dict:
     device = resolve_device(device_name)
     precision = resolve_precision("auto", device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    results: dict[str, Any] = {"device": device_name or f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-                               "peak_bf16_tflops": peak_tflops(device_name) if device_name else None,
-                               "precision": str(precision or "float32"), "batch_size": batch_size, "steps": steps,
-                               "compile": compile_step,
-                               "env": environment(), "rows": []}
+    results: dict[str, Any] = {
+        "device": device_name or f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "peak_bf16_tflops": peak_tflops(device_name) if device_name else None,
+        "precision": str(precision or "float32"),
+        "batch_size": batch_size,
+        "steps": steps,
+        "compile": compile_step,
+        "env": environment(),
+        "rows": [],
+    }
     for backbone in backbones:
         for method in methods:
             config = _config(backbone, method, input_size)
@@ -210,34 +258,51 @@ def run_bench(backbones: list[str], methods: list[str], batch_size: int, steps: 
             row: dict[str, Any] = {"backbone": backbone, "method": method}
             try:
                 row["train_images_per_s"], row["peak_train_memory_bytes"] = train_step_images_per_s(
-                    config, device, batch_size, steps, warmup, channels_last=channels_last, precision=precision,
-                    compile_step=compile_step)
+                    config,
+                    device,
+                    batch_size,
+                    steps,
+                    warmup,
+                    channels_last=channels_last,
+                    precision=precision,
+                    compile_step=compile_step,
+                )
             except UnsupportedBackboneError as error:
                 row["unsupported"] = str(error)
                 results["rows"].append(row)
                 continue
-            peft, memory_format = _build(config, device, channels_last)
-            size = data_config(peft.model, config["backbone"]["input_size"]).input_size
+            adapted, memory_format = _build(config, device, channels_last)
+            size = data_config(adapted.model, config["backbone"]["input_size"]).input_size
             row["input_size"] = size
-            row["params_trainable_without_head"] = peft.parameter_counts()["trainable_without_head"]
+            row["params_trainable_without_head"] = adapted.parameter_counts()["trainable_without_head"]
             counted = run_flops({**config, "dataset": {"num_classes": 10}})
             row["gflops_per_image"] = counted["forward_flops_per_image"] / 1e9
             row["train_gflops_per_image"] = counted["train_flops_per_image"] / 1e9
-            measure = dict(device=device, batch_size=batch_size, size=size, steps=steps, warmup=warmup,
-                           precision=precision, memory_format=memory_format)
-            row["inference_unmerged"] = inference_images_per_s(peft.model, **measure)
+            measure = dict(
+                device=device,
+                batch_size=batch_size,
+                size=size,
+                steps=steps,
+                warmup=warmup,
+                precision=precision,
+                memory_format=memory_format,
+            )
+            row["inference_unmerged"] = inference_images_per_s(adapted.model, **measure)
             try:
                 # merging writes new weight tensors: put them back in the layout the plain model uses
-                merged = peft.merge().to(device, memory_format=memory_format)
+                merged = adapted.merge().to(device, memory_format=memory_format)
                 row["inference_merged"] = inference_images_per_s(merged, **measure)
             except NotMergeableError:
                 row["inference_merged"] = None
             plain, _ = _build(_config(backbone, "linear", input_size), device, channels_last)
             row["inference_plain"] = inference_images_per_s(plain.model, **measure)
-            row["merged_vs_plain"] = row["inference_merged"] / row["inference_plain"] if row["inference_merged"] else None
+            row["merged_vs_plain"] = (
+                row["inference_merged"] / row["inference_plain"] if row["inference_merged"] else None
+            )
             # this method's counted forward + backward FLOPs, not 3x forward for every method
             row["model_flop_utilisation"] = model_flop_utilisation(
-                counted["train_flops_per_image"], row["train_images_per_s"], device_name or "")
+                counted["train_flops_per_image"], row["train_images_per_s"], device_name or ""
+            )
             row["extrapolated_vtab_sweep_hours"] = VTAB_IMAGE_STEPS / row["train_images_per_s"] / 3600
             if task_dir is not None:
                 reference = reference_pipeline_images_per_s(config, device, task_dir, batch_size, steps, workers)
@@ -248,8 +313,19 @@ def run_bench(backbones: list[str], methods: list[str], batch_size: int, steps: 
     if concurrent_runs > 1:
         first = next(row for row in results["rows"] if "input_size" in row)
         config = _config(first["backbone"], first["method"], input_size)
-        results["concurrent"] = {"backbone": first["backbone"], "method": first["method"], **concurrent_runs_images_per_s(
-            config, device, batch_size, steps, warmup, bool(config["backbone"].get("channels_last")), concurrent_runs)}
+        results["concurrent"] = {
+            "backbone": first["backbone"],
+            "method": first["method"],
+            **concurrent_runs_images_per_s(
+                config,
+                device,
+                batch_size,
+                steps,
+                warmup,
+                bool(config["backbone"].get("channels_last")),
+                concurrent_runs,
+            ),
+        }
     if task_dir is not None:
         measured = [row["input_size"] for row in results["rows"] if "input_size" in row]
         size = input_size or (measured[0] if measured else 224)
@@ -262,11 +338,14 @@ def to_markdown(results: dict) -> str:
     def number(value, digits=1):
         return "—" if value is None else f"{value:,.{digits}f}"
 
-    lines = [f"Device: {results['device']}; precision {results['precision']}; batch {results['batch_size']}.", "",
-             "| backbone | method | params (M) | GFLOPs/img | train GFLOPs/img | train img/s | peak train mem (GiB) | "
-             "infer unmerged | infer merged | infer plain | merged/plain | reference img/s | speed-up | MFU | "
-             "VTAB sweep (h, extrapolated) |",
-             "|---|---|" + "---:|" * 13]
+    lines = [
+        f"Device: {results['device']}; precision {results['precision']}; batch {results['batch_size']}.",
+        "",
+        "| backbone | method | params (M) | GFLOPs/img | train GFLOPs/img | train img/s | peak train mem (GiB) | "
+        "infer unmerged | infer merged | infer plain | merged/plain | reference img/s | speed-up | MFU | "
+        "VTAB sweep (h, extrapolated) |",
+        "|---|---|" + "---:|" * 13,
+    ]
     for row in results["rows"]:
         if "unsupported" in row:
             lines.append(f"| {row['backbone']} | {row['method']} | unsupported |" + " |" * 12)
@@ -277,52 +356,82 @@ def to_markdown(results: dict) -> str:
             f"{number(row['gflops_per_image'], 3)} | {number(row['train_gflops_per_image'], 3)} | "
             f"{number(row['train_images_per_s'])} | "
             f"{number(memory / 2**30 if memory else None, 2)} | {number(row['inference_unmerged'])} | "
-            f"{number(row['inference_merged'])} | {number(row['inference_plain'])} | {number(row['merged_vs_plain'], 3)} | "
+            f"{number(row['inference_merged'])} | {number(row['inference_plain'])} | "
+            f"{number(row['merged_vs_plain'], 3)} | "
             f"{number(row.get('reference_pipeline_images_per_s'))} | {number(row.get('speedup_vs_reference'), 2)} | "
-            f"{number(row['model_flop_utilisation'], 3)} | {number(row['extrapolated_vtab_sweep_hours'], 1)} |")
+            f"{number(row['model_flop_utilisation'], 3)} | {number(row['extrapolated_vtab_sweep_hours'], 1)} |"
+        )
     if "data_path" in results:
         data = results["data_path"]
-        lines += ["", f"Data path at {data['input_size']} px: cached tensor {data['cached_tensor']:,.0f} img/s vs "
-                      f"per-step PIL decode {data['pil_dataloader']:,.0f} img/s "
-                      f"({data['cached_tensor'] / data['pil_dataloader']:.1f}x)."]
+        lines += [
+            "",
+            f"Data path at {data['input_size']} px: cached tensor {data['cached_tensor']:,.0f} img/s vs "
+            f"per-step PIL decode {data['pil_dataloader']:,.0f} img/s "
+            f"({data['cached_tensor'] / data['pil_dataloader']:.1f}x).",
+        ]
     if "concurrent" in results:
         c = results["concurrent"]
-        lines += ["", f"Several runs on one device ({c['backbone']} x {c['method']}): {c['runs']} processes together "
-                      f"{c['concurrent_total_images_per_s']:,.0f} img/s vs one alone {c['single_images_per_s']:,.0f} img/s "
-                      f"({c['gain']:.2f}x)."]
-    lines += ["", "Peak memory is measured on a GPU only (torch.cuda.max_memory_allocated). The reference pipeline decodes "
-                  "PNGs with PIL in DataLoader workers at every step and trains in float32 without channels_last. "
-                  "Train GFLOPs are counted per method (one forward + backward through its trainable set, "
-                  "FlopCounterMode); MFU = train GFLOPs x img/s / the device's dense bf16 peak "
-                  + (f"({results['peak_bf16_tflops']} TFLOP/s)." if results.get("peak_bf16_tflops")
-                     else "(not known for this device: MFU left empty).")
-                  + (" The training step ran under torch.compile." if results.get("compile") else "")]
+        lines += [
+            "",
+            f"Several runs on one device ({c['backbone']} x {c['method']}): {c['runs']} processes together "
+            f"{c['concurrent_total_images_per_s']:,.0f} img/s vs one alone {c['single_images_per_s']:,.0f} img/s "
+            f"({c['gain']:.2f}x).",
+        ]
+    lines += [
+        "",
+        "Peak memory is measured on a GPU only (torch.cuda.max_memory_allocated). The reference pipeline decodes "
+        "PNGs with PIL in DataLoader workers at every step and trains in float32 without channels_last. "
+        "Train GFLOPs are counted per method (one forward + backward through its trainable set, "
+        "FlopCounterMode); MFU = train GFLOPs x img/s / the device's dense bf16 peak "
+        + (
+            f"({results['peak_bf16_tflops']} TFLOP/s)."
+            if results.get("peak_bf16_tflops")
+            else "(not known for this device: MFU left empty)."
+        )
+        + (" The training step ran under torch.compile." if results.get("compile") else ""),
+    ]
     return "\n".join(lines) + "\n"
 
 
 @console_script("san-bench", overrides=False)
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="san-bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="san-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backbones", nargs="+", default=["test_vit", "effnet_lite0"])
     parser.add_argument("--methods", nargs="+", default=["linear", "bitfit", "ssf", "san", "lora", "full"])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--input-size", type=int, default=None, help="override the backbones' input size")
-    parser.add_argument("--task", type=Path, default=Path("data/demo/digits"),
-                        help="a VTAB-format task for the data-path and reference-pipeline measurements")
+    parser.add_argument(
+        "--task",
+        type=Path,
+        default=Path("data/demo/digits"),
+        help="a VTAB-format task for the data-path and reference-pipeline measurements",
+    )
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference pipeline")
-    parser.add_argument("--concurrent", type=int, default=2,
-                        help="also time this many training processes sharing the device (0: skip)")
+    parser.add_argument(
+        "--concurrent", type=int, default=2, help="also time this many training processes sharing the device (0: skip)"
+    )
     parser.add_argument("--compile", action="store_true", help="time the training step under torch.compile")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     task = args.task if (args.task / "train800.txt").is_file() else None
     if task is None:
         print(f"no task at {args.task} (make data-demo): skipping the data-path and reference measurements")
-    results = run_bench(args.backbones, args.methods, args.batch_size, args.steps, args.warmup, args.input_size,
-                        task, args.workers, concurrent_runs=args.concurrent, compile_step=args.compile)
+    results = run_bench(
+        args.backbones,
+        args.methods,
+        args.batch_size,
+        args.steps,
+        args.warmup,
+        args.input_size,
+        task,
+        args.workers,
+        concurrent_runs=args.concurrent,
+        compile_step=args.compile,
+    )
     stem = args.out / time.strftime("bench-%Y%m%d-%H%M%S")
     atomic_write_bytes(stem.with_suffix(".json"), (json.dumps(results, indent=2, default=str) + "\n").encode())
     table = to_markdown(results)

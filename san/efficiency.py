@@ -20,7 +20,6 @@ import torch
 from timm.layers import config as timm_layer_config
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
-import san  # noqa: F401  (registers every method)
 from san.backbones import create_backbone, data_config
 from san.methods.registry import build_method_from_config
 
@@ -50,13 +49,26 @@ def flops_per_image(config: Mapping[str, Any], merged: bool = False) -> int:
     backbone = dict(config["backbone"], pretrained=False, checkpoint_path=None)
     with unfused_attention():  # fused attention is chosen when a module is built
         model, _ = create_backbone(backbone, config["dataset"]["num_classes"])
-        peft = build_method_from_config(model, config["method"])
-        target = peft.merge() if merged else peft.model
+        adapted = build_method_from_config(model, config["method"])
+        target = adapted.merge() if merged else adapted.model
         return count_flops(target, data_config(model, config["backbone"]["input_size"]).input_size)
 
 
-def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                         _output_padding, _groups, output_mask, out_shape, **kwargs) -> int:
+def _conv_backward_flops(
+    grad_out_shape,
+    x_shape,
+    w_shape,
+    _bias,
+    _stride,
+    _padding,
+    _dilation,
+    transposed,
+    _output_padding,
+    _groups,
+    output_mask,
+    out_shape,
+    **kwargs,
+) -> int:
     """Each gradient of a convolution (input, weight) costs what its forward costs.
 
     torch's own formula (torch.utils.flop_counter.conv_backward_flop, torch 2.14) ignores
@@ -70,8 +82,9 @@ def count_training_flops(model: torch.nn.Module, input_size: int, device: str | 
     """FLOPs of one forward + backward for one image, as autograd runs them for this model's
     trainable set (matmuls and convs)."""
     model.train()
-    with FlopCounterMode(display=False,
-                         custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops}) as counter:
+    with FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops}
+    ) as counter:
         logits = model(torch.zeros(1, 3, input_size, input_size, device=device))
         logits.float().sum().backward()
     model.zero_grad(set_to_none=True)
@@ -93,19 +106,23 @@ def run_flops(config: Mapping[str, Any]) -> dict[str, Any]:
             return count_adapted(backbone, config["method"], num_classes, "cpu")[0]
 
 
-def count_adapted(backbone: Mapping[str, Any], method: Mapping[str, Any], num_classes: int,
-                  device: str) -> tuple[dict[str, Any], Any]:
+def count_adapted(
+    backbone: Mapping[str, Any], method: Mapping[str, Any], num_classes: int, device: str
+) -> tuple[dict[str, Any], Any]:
     """Build the adapted model on `device` (random weights) and count its forward and training
     FLOPs per image; returns the counts and the adapted model (for its parameter counts)."""
     with unfused_attention(), torch.device(device):
         model, _ = create_backbone(dict(backbone, pretrained=False, checkpoint_path=None), num_classes)
-        peft = build_method_from_config(model, method)
+        adapted = build_method_from_config(model, method)
     size = data_config(model, backbone["input_size"]).input_size
     with unfused_attention():
-        counts = {"forward_flops_per_image": count_flops(peft.model, size, device),
-                  "train_flops_per_image": count_training_flops(peft.model, size, device),
-                  "input_size": size, "counted_on": device}
-    return counts, peft
+        counts = {
+            "forward_flops_per_image": count_flops(adapted.model, size, device),
+            "train_flops_per_image": count_training_flops(adapted.model, size, device),
+            "input_size": size,
+            "counted_on": device,
+        }
+    return counts, adapted
 
 
 # Dense bf16 tensor-core peak, TFLOP/s, keyed by the exact name torch.cuda.get_device_name()
@@ -129,8 +146,9 @@ def peak_tflops(device_name: str) -> float | None:
     return PEAK_BF16_TFLOPS.get(device_name)
 
 
-def model_flop_utilisation(train_flops_per_image: float | None, images_per_s: float | None,
-                           device_name: str) -> float | None:
+def model_flop_utilisation(
+    train_flops_per_image: float | None, images_per_s: float | None, device_name: str
+) -> float | None:
     peak = peak_tflops(device_name)
     if not (peak and train_flops_per_image and images_per_s):
         return None

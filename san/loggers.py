@@ -26,10 +26,16 @@ class WandbLogger(Logger):
             raise ImportError("logger=wandb needs the wandb package: pip install 'san-peft-bench[wandb]'") from None
         mode = os.environ.get("WANDB_MODE") or settings["mode"]
         self.run = wandb.init(
-            project=settings["project"], entity=settings.get("entity"), mode=mode, dir=str(run_dir),
+            project=settings["project"],
+            entity=settings.get("entity"),
+            mode=mode,
+            dir=str(run_dir),
             name=f"{record['task']}/{record['method']['name']}/{record['stage']}/seed{record['seed']}",
-            group=settings.get("group"), id=f"{record['identity']}-{record['stage']}-seed{record['seed']}",
-            resume="allow", config=record["config"], reinit="finish_previous",
+            group=settings.get("group"),
+            id=f"{record['identity']}-{record['stage']}-seed{record['seed']}",
+            resume="allow",
+            config=record["config"],
+            reinit="finish_previous",
         )
 
     def log_epoch(self, row):

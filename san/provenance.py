@@ -10,15 +10,27 @@ from pathlib import Path
 
 import torch
 
-PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "numpy", "pillow", "pandas",
-            "scikit-learn", "peft", "san-peft-bench")
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "hydra-core",
+    "omegaconf",
+    "numpy",
+    "pillow",
+    "pandas",
+    "scikit-learn",
+    "peft",
+    "san-peft-bench",
+)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _git(*args: str) -> str | None:
     try:
-        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 

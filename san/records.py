@@ -7,38 +7,14 @@ A record is written when a run starts (`status: running`), and replaced when it 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, Mapping
+
+from san.atomic import atomic_write_bytes
 
 RECORD_NAME = "record.json"
 SCHEMA_VERSION = 1
-
-
-def atomic_write_stream(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """`write(stream)` into a temporary file in the same folder, fsync, then rename over `path`.
-
-    The content goes straight to disk (no in-memory copy of it), and a crash at any point
-    leaves either the old file or the new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write_stream(path, lambda stream: stream.write(data))
 
 
 def write_record(run_dir: Path, record: dict[str, Any]) -> Path:
@@ -53,3 +29,16 @@ def read_record(path: Path) -> dict[str, Any]:
 
 def find_records(root: Path) -> list[Path]:
     return sorted(Path(root).rglob(RECORD_NAME))
+
+
+def layout_facts(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a record says about its task's place in a report table: the suite, the task, its
+    group, and the experiment's task list (None for a run outside one), which orders the
+    columns. The report reads these from the records, never from configs."""
+    dataset = config["dataset"]
+    return {
+        "suite": dataset["suite"],
+        "task": dataset["name"],
+        "group": dataset.get("group"),
+        "task_order": (config.get("plan") or {}).get("tasks"),
+    }

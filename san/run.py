@@ -7,9 +7,6 @@ it directly with configs from `hydra.compose`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import os
 import random
 import time
 import traceback
@@ -18,82 +15,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-import san  # noqa: F401  (registers every method)
 from san.backbones import create_backbone, data_config
-from san.data.loaders import build_loader
 from san.data.checks import FOLDER_CHECKS
-from san.data.errors import MissingDatasetError
-from san.data.manifest import data_fingerprint as folder_fingerprint
-from san.data.splits import task_dir
+from san.data.loaders import build_loader
+from san.efficiency import model_flop_utilisation, run_flops
 from san.errors import UserError
+from san.identity import data_fingerprint, identity, resolved, run_dir_for
 from san.locks import run_lock
 from san.loggers import Logger, build_logger
 from san.methods.registry import build_method_from_config, method_label, method_settings
 from san.provenance import device_description, environment
-from san.records import SCHEMA_VERSION, read_record, write_record
-from san.efficiency import model_flop_utilisation, run_flops
+from san.records import SCHEMA_VERSION, layout_facts, read_record, write_record
 from san.trainer import Trainer, TrainingInterrupted, configure_determinism, peak_memory_bytes
-
-# Settings that say where files are, how progress is shown, or how often the run pauses to
-# evaluate or checkpoint: never the result. Everything else in the identity groups is in the
-# identity (a new setting counts until it is listed here), and so is the data's content.
-_NOT_IDENTITY = {
-    # where the data is: the same data at another path is the same run (its content is
-    # fingerprinted below instead)
-    ("dataset", "root"), ("dataset", "folder"), ("dataset", "image_root"), ("dataset", "prepare_command"),
-    ("dataset", "verify"), ("dataset", "expected_counts"),
-    # where the weights are: their content is recorded as weights.sha256
-    ("backbone", "checkpoint_path"),
-    # how the run is carried out
-    ("trainer", "num_workers"), ("trainer", "progress"), ("trainer", "keep_checkpoint"), ("trainer", "resume"),
-    ("trainer", "data_cache"), ("trainer", "cache_device_budget"), ("trainer", "compile"), ("trainer", "device"),
-    ("trainer", "nan_check_every"), ("trainer", "eval_every"), ("trainer", "checkpoint_every_minutes"),
-    ("trainer", "checkpoint_every_epochs"),
-}
-_IDENTITY_GROUPS = ("backbone", "method", "dataset", "protocol", "trainer", "optim")
-_FINGERPRINTS: dict[tuple, dict[str, Any]] = {}
-
-
-def resolved(cfg: DictConfig) -> dict[str, Any]:
-    container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("hydra", None)
-    return container
-
-
-def data_fingerprint(dataset: dict[str, Any]) -> dict[str, Any]:
-    """What the data is, cheaply (san.data.manifest.data_fingerprint: the sha256 of each split
-    list, the variant, the tfds builder). Two copies of a task (a PNG export and a JPEG
-    release, another tfds version) differ here; the same copy moved to another path does not.
-    A folder that does not exist yet (a dry run before the data is prepared) is "missing"."""
-    try:
-        folder = task_dir(dataset)
-    except MissingDatasetError:
-        return {"lists_sha256": {}, "missing": True}
-    # Memoised on the list files' and manifest's (name, size, mtime): planning a sweep reads
-    # each task's lists once, not once per job.
-    key = (str(folder), tuple(sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
-                                     for entry in os.scandir(folder)
-                                     if entry.is_file() and entry.name.endswith((".txt", ".json")))))
-    if key not in _FINGERPRINTS:
-        _FINGERPRINTS[key] = folder_fingerprint(folder)
-    return _FINGERPRINTS[key]
-
-
-def identity(config: dict[str, Any]) -> str:
-    """Hash of everything that determines the result except the seed."""
-    subset: dict[str, Any] = {group: {k: v for k, v in config[group].items() if (group, k) not in _NOT_IDENTITY}
-                              for group in _IDENTITY_GROUPS}
-    subset["data"] = data_fingerprint(config["dataset"])
-    return hashlib.sha256(json.dumps(subset, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def run_dir_for(config: dict[str, Any]) -> Path:
-    """Derived from the configuration, so a re-run finds its own earlier result."""
-    return (Path(config["paths"]["runs_dir"]) / config["dataset"]["suite"] / config["dataset"]["name"]
-            / config["backbone"]["name"] / method_label(config["method"]) / config["protocol"]["stage"]
-            / identity(config) / f"seed{config['seed']}")
 
 
 class DatasetVerificationError(UserError, ValueError):
@@ -112,7 +47,8 @@ def check_dataset(dataset: dict[str, Any]) -> dict[str, Any]:
         shown = "\n  ".join(report.problems[:10])
         raise DatasetVerificationError(
             f"dataset {dataset['name']!r} failed verification ({len(report.problems)} problem(s)):\n  {shown}\n"
-            f"Re-create it ({dataset.get('prepare_command')}), or set dataset.verify=false to train on it anyway")
+            f"Re-create it ({dataset.get('prepare_command')}), or set dataset.verify=false to train on it anyway"
+        )
     return {"checked": True, "ok": True, "notes": report.notes}
 
 
@@ -153,12 +89,13 @@ def _run_locked(config: dict[str, Any], run_dir: Path) -> Path:
         "schema": SCHEMA_VERSION,
         "status": "running",
         "stage": protocol["stage"],
-        "suite": dataset["suite"],
-        "task": dataset["name"],
-        "group": dataset.get("group"),
+        **layout_facts(config),
         "backbone": {"name": config["backbone"]["name"], "timm_name": config["backbone"]["timm_name"]},
-        "method": {"name": method_label(config["method"]), "registered_name": config["method"]["name"],
-                   "settings": method_settings(config["method"])},
+        "method": {
+            "name": method_label(config["method"]),
+            "registered_name": config["method"]["name"],
+            "settings": method_settings(config["method"]),
+        },
         "seed": config["seed"],
         "identity": identity(config),
         "data": data_fingerprint(dataset),
@@ -180,9 +117,9 @@ def _run_locked(config: dict[str, Any], run_dir: Path) -> Path:
         seed_everything(config["seed"], config["trainer"]["deterministic"])
         model, weights = create_backbone(config["backbone"], dataset["num_classes"])
         record["backbone"].update(pretrained=weights.source != "random_init", weights=weights.to_dict())
-        peft = build_method_from_config(model, config["method"])
-        record["method"]["config"] = peft.config.to_dict()
-        record["params"] = peft.parameter_counts()
+        adapted = build_method_from_config(model, config["method"])
+        record["method"]["config"] = adapted.config.to_dict()
+        record["params"] = adapted.parameter_counts()
         preprocessing = data_config(model, config["backbone"]["input_size"])
         record["preprocessing"] = preprocessing.to_dict()
 
@@ -190,18 +127,40 @@ def _run_locked(config: dict[str, Any], run_dir: Path) -> Path:
         trainer_cfg = config["trainer"]
         cache_dir = config["paths"]["cache_dir"] if trainer_cfg.get("data_cache", False) else None
         on_gpu = trainer_cfg["device"] != "cpu" and torch.cuda.is_available()
-        loader_options = dict(num_workers=trainer_cfg["num_workers"], cache_dir=cache_dir,
-                              progress=trainer_cfg["progress"], pin_memory=on_gpu)
-        fit_loader = build_loader(dataset, protocol["fit"], preprocessing, train=True,
-                                  batch_size=trainer_cfg["batch_size"], **loader_options)
-        eval_loader = build_loader(dataset, protocol["evaluate"], preprocessing, train=False,
-                                   batch_size=trainer_cfg["eval_batch_size"], **loader_options)
+        loader_options = dict(
+            num_workers=trainer_cfg["num_workers"],
+            cache_dir=cache_dir,
+            progress=trainer_cfg["progress"],
+            pin_memory=on_gpu,
+        )
+        fit_loader = build_loader(
+            dataset, protocol["fit"], preprocessing, train=True, batch_size=trainer_cfg["batch_size"], **loader_options
+        )
+        eval_loader = build_loader(
+            dataset,
+            protocol["evaluate"],
+            preprocessing,
+            train=False,
+            batch_size=trainer_cfg["eval_batch_size"],
+            **loader_options,
+        )
         record["splits"].update(fit_images=len(fit_loader.dataset), evaluate_images=len(eval_loader.dataset))
 
-        trainer = Trainer(peft, preprocessing, trainer_cfg, config["optim"], config["seed"], run_dir,
-                          record["identity"], channels_last=config["backbone"].get("channels_last", False))
-        record["env"] = {**record["env"], "device": device_description(trainer.device),
-                         "precision": str(trainer.autocast_dtype or "float32")}
+        trainer = Trainer(
+            adapted,
+            preprocessing,
+            trainer_cfg,
+            config["optim"],
+            config["seed"],
+            run_dir,
+            record["identity"],
+            channels_last=config["backbone"].get("channels_last", False),
+        )
+        record["env"] = {
+            **record["env"],
+            "device": device_description(trainer.device),
+            "precision": str(trainer.autocast_dtype or "float32"),
+        }
         outcome = trainer.fit(fit_loader, eval_loader, protocol["evaluate"], on_epoch=logger.log_epoch)
 
         metric = f"{protocol['evaluate']}_top1"
@@ -228,7 +187,8 @@ def _run_locked(config: dict[str, Any], run_dir: Path) -> Path:
             "cached_on_device": trainer.cached_on_device,
             # measured training FLOPs (this method's forward + backward) / the device's bf16 peak
             "model_flop_utilisation": model_flop_utilisation(
-                record["efficiency"]["train_flops_per_image"], train_images_per_s, record["env"]["device"]),
+                record["efficiency"]["train_flops_per_image"], train_images_per_s, record["env"]["device"]
+            ),
         }
         record["status"] = "complete"
         record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -238,8 +198,7 @@ def _run_locked(config: dict[str, Any], run_dir: Path) -> Path:
         return path
     except BaseException as error:
         record["status"] = "interrupted" if isinstance(error, TrainingInterrupted) else "failed"
-        record["error"] = {"type": type(error).__name__, "message": str(error),
-                           "traceback": traceback.format_exc()}
+        record["error"] = {"type": type(error).__name__, "message": str(error), "traceback": traceback.format_exc()}
         record["cost"] = {"wall_s": time.perf_counter() - started}
         write_record(run_dir, record)
         with contextlib.suppress(Exception):  # never hide the run's own error behind the logger's

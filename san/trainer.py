@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from san.backbones import DataConfig
+from san.atomic import atomic_write_bytes, atomic_write_stream
+from san.data.preprocessing import Preprocessing
 from san.errors import UserError
-from san.methods.base import PeftModel
-from san.records import atomic_write_bytes, atomic_write_stream
+from san.methods.base import AdaptedModel
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -90,8 +90,10 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     if name not in choices:
         raise ValueError(f"unknown trainer.precision {name!r}; accepted: ['auto', {', '.join(map(repr, choices))}]")
     if name == "fp16" and device.type != "cuda":
-        raise PrecisionError("trainer.precision=fp16 needs a CUDA device (fp16 autocast with a gradient scaler); "
-                             "use trainer.precision=bf16 or fp32 on the CPU")
+        raise PrecisionError(
+            "trainer.precision=fp16 needs a CUDA device (fp16 autocast with a gradient scaler); "
+            "use trainer.precision=bf16 or fp32 on the CPU"
+        )
     return choices[name]
 
 
@@ -127,17 +129,20 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def build_optimizer(peft: PeftModel, optim: Mapping[str, Any], device: torch.device) -> torch.optim.AdamW:
-    exempt = peft.no_weight_decay_ids()
-    trainable = [p for _, p in peft.named_trainable_parameters()]
+def build_optimizer(adapted: AdaptedModel, optim: Mapping[str, Any], device: torch.device) -> torch.optim.AdamW:
+    exempt = adapted.no_weight_decay_ids()
+    trainable = [p for _, p in adapted.named_trainable_parameters()]
     if not trainable:
-        raise ValueError(f"method {peft.method_name!r} left no parameter trainable")
+        raise ValueError(f"method {adapted.method_name!r} left no parameter trainable")
     groups = [
         {"params": [p for p in trainable if id(p) not in exempt], "weight_decay": optim["weight_decay"]},
         {"params": [p for p in trainable if id(p) in exempt], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=optim["lr"], betas=tuple(optim["betas"]), eps=optim["eps"],
+        [g for g in groups if g["params"]],
+        lr=optim["lr"],
+        betas=tuple(optim["betas"]),
+        eps=optim["eps"],
         fused=device.type == "cuda",
     )
 
@@ -160,9 +165,18 @@ class TrainOutcome:
 
 
 class Trainer:
-    def __init__(self, peft: PeftModel, data_config: DataConfig, trainer: Mapping[str, Any],
-                 optim: Mapping[str, Any], seed: int, run_dir: Path, identity: str, channels_last: bool = False):
-        self.peft = peft
+    def __init__(
+        self,
+        adapted: AdaptedModel,
+        preprocessing: Preprocessing,
+        trainer: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        seed: int,
+        run_dir: Path,
+        identity: str,
+        channels_last: bool = False,
+    ):
+        self.adapted = adapted
         self.cfg = trainer
         self.optim_cfg = optim
         self.seed = seed
@@ -175,21 +189,21 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         # NHWC is what CPU and GPU conv kernels are fastest on; a ViT only sees it in patch_embed.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        peft.model.to(self.device, memory_format=self.memory_format)
+        adapted.model.to(self.device, memory_format=self.memory_format)
         shape = (1, 3, 1, 1)
-        self.mean = torch.tensor(data_config.mean, device=self.device).view(shape) * 255
-        self.std = torch.tensor(data_config.std, device=self.device).view(shape) * 255
-        self.optimizer = build_optimizer(peft, optim, self.device)
+        self.mean = torch.tensor(preprocessing.mean, device=self.device).view(shape) * 255
+        self.std = torch.tensor(preprocessing.std, device=self.device).view(shape) * 255
+        self.optimizer = build_optimizer(adapted, optim, self.device)
         # fp16 has too narrow a range for small gradients: scale the loss (bf16 and fp32 need none).
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         # torch.compile traces the adapted model once per run; worth it for long runs on a GPU.
         # Evaluation pads its last batch to the full size under compile, so the eval graph sees one
         # shape; training's last partial batch costs one extra (dynamic-batch) compile, not one per epoch.
         self.compiled = bool(trainer.get("compile", False))
-        self.forward = torch.compile(peft.model) if self.compiled else peft.model
+        self.forward = torch.compile(adapted.model) if self.compiled else adapted.model
         self.checkpoint_path = run_dir / "checkpoint.pt"
         self.checkpoints_written = 0
-        self._trainable = [p for _, p in peft.named_trainable_parameters()]
+        self._trainable = [p for _, p in adapted.named_trainable_parameters()]
         self.cached_on_device: dict[str, bool] = {}
 
     # --- pieces ---------------------------------------------------------------------------
@@ -211,18 +225,23 @@ class Trainer:
 
     def _checkpoint_state(self) -> dict[str, torch.Tensor]:
         """Trainable tensors and buffers only: for a PEFT method this is a few MB."""
-        keep = {id(p) for _, p in self.peft.named_trainable_parameters()}
-        keep |= {id(b) for b in self.peft.model.buffers()}
-        return {k: v.detach().cpu() for k, v in self.peft.model.state_dict(keep_vars=True).items() if id(v) in keep}
+        keep = {id(p) for _, p in self.adapted.named_trainable_parameters()}
+        keep |= {id(b) for b in self.adapted.model.buffers()}
+        return {k: v.detach().cpu() for k, v in self.adapted.model.state_dict(keep_vars=True).items() if id(v) in keep}
 
     def _save_checkpoint(self, epoch: int, outcome: TrainOutcome) -> None:
         """Trainable tensors and their optimizer state, streamed to a temporary file and renamed.
 
         Only tensors and plain Python types, so `_load_checkpoint` can refuse anything else
         (weights_only): a checkpoint planted in a shared results folder cannot run code."""
-        state = {"identity": self.identity, "epoch": epoch, "model": self._checkpoint_state(),
-                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                 "outcome": dict(outcome.__dict__)}
+        state = {
+            "identity": self.identity,
+            "epoch": epoch,
+            "model": self._checkpoint_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "outcome": dict(outcome.__dict__),
+        }
         atomic_write_stream(self.checkpoint_path, lambda stream: torch.save(state, stream))
         self.checkpoints_written += 1
 
@@ -235,18 +254,19 @@ class Trainer:
             raise CheckpointError(
                 f"{self.checkpoint_path} holds more than tensors and plain values, so it was not written by this "
                 f"suite and loading it could run code; it was not loaded. Delete it to start the run afresh "
-                f"(rm {self.checkpoint_path}), or set trainer.resume=false. ({str(error).splitlines()[0]})") from None
+                f"(rm {self.checkpoint_path}), or set trainer.resume=false. ({str(error).splitlines()[0]})"
+            ) from None
         if state["identity"] != self.identity:
             # A checkpoint of another configuration in this directory: never mix them.
             raise CheckpointError(
-                f"{self.checkpoint_path} belongs to a different configuration; delete it or "
-                "set trainer.resume=false"
+                f"{self.checkpoint_path} belongs to a different configuration; delete it or set trainer.resume=false"
             )
         missing = set(self._checkpoint_state()) - set(state["model"])
         if missing:
-            raise CheckpointError(f"{self.checkpoint_path} lacks tensors {sorted(missing)[:5]}; delete it or set "
-                                  "trainer.resume=false")
-        self.peft.model.load_state_dict(state["model"], strict=False)
+            raise CheckpointError(
+                f"{self.checkpoint_path} lacks tensors {sorted(missing)[:5]}; delete it or set trainer.resume=false"
+            )
+        self.adapted.model.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -274,7 +294,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader, limit_batches: int | None = None) -> dict[str, float]:
-        self.peft.set_train_mode(False)
+        self.adapted.set_train_mode(False)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         loss_sum = torch.zeros((), device=self.device)
         seen = 0
@@ -302,7 +322,7 @@ class Trainer:
         with self._autocast():
             logits = self.forward(self._prepare(images))
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg["label_smoothing"])
-            regularization = self.peft.regularization_loss()
+            regularization = self.adapted.regularization_loss()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss if regularization is None else loss + regularization).backward()
         if self.cfg["grad_clip_norm"]:
@@ -323,8 +343,13 @@ class Trainer:
                     budget -= loader.images.numel()
         return moved
 
-    def fit(self, fit_loader: DataLoader, eval_loader: DataLoader, eval_role: str,
-            on_epoch: Callable[[dict], None] | None = None) -> TrainOutcome:
+    def fit(
+        self,
+        fit_loader: DataLoader,
+        eval_loader: DataLoader,
+        eval_role: str,
+        on_epoch: Callable[[dict], None] | None = None,
+    ) -> TrainOutcome:
         cfg = self.cfg
         self.cached_on_device = self.move_cached_splits(fit_loader, eval_loader)
         epochs = cfg["epochs"]
@@ -341,12 +366,11 @@ class Trainer:
                 f"({self.optim_cfg.get('cooldown_epochs', 0)}) leave no epoch of the {epochs} for the cosine decay"
             )
         start_epoch, outcome = self._load_checkpoint()
-        self.peft.on_fit_start(total_steps)
+        self.adapted.on_fit_start(total_steps)
         with _sigterm_flag() as terminated:
             last_checkpoint = time.monotonic()
             for epoch in range(start_epoch, epochs):
-                row = self._fit_epoch(epoch, epochs, steps_per_epoch, decay_steps, warmup_steps, fit_loader,
-                                      outcome)
+                row = self._fit_epoch(epoch, epochs, steps_per_epoch, decay_steps, warmup_steps, fit_loader, outcome)
                 last = epoch + 1 == epochs
                 # By default only the last epoch is evaluated: the test split is read once by a final
                 # run. eval_every > 0 adds a curve (tune runs: val only; see configs/trainer).
@@ -369,20 +393,34 @@ class Trainer:
                 if terminated.is_set() and not last:
                     raise TrainingInterrupted(
                         f"SIGTERM received: stopped after epoch {epoch + 1}/{epochs} with a checkpoint in "
-                        f"{self.checkpoint_path}; run the same command again to resume")
+                        f"{self.checkpoint_path}; run the same command again to resume"
+                    )
         return outcome
 
-    def _fit_epoch(self, epoch: int, epochs: int, steps_per_epoch: int, decay_steps: int, warmup_steps: int,
-                   fit_loader, outcome: TrainOutcome) -> dict:
+    def _fit_epoch(
+        self,
+        epoch: int,
+        epochs: int,
+        steps_per_epoch: int,
+        decay_steps: int,
+        warmup_steps: int,
+        fit_loader,
+        outcome: TrainOutcome,
+    ) -> dict:
         cfg = self.cfg
         torch.manual_seed(epoch_seed(self.seed, epoch))
         fit_loader.generator.manual_seed(epoch_seed(self.seed, epoch))
-        self.peft.set_train_mode(True)
+        self.adapted.set_train_mode(True)
         loss_sum = torch.zeros((), device=self.device)
         images_seen = 0
         started = time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
-                   disable=None if cfg["progress"] else True, dynamic_ncols=True)
+        bar = tqdm(
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            leave=False,
+            disable=None if cfg["progress"] else True,
+            dynamic_ncols=True,
+        )
         lr = 0.0
         for index, (images, labels) in enumerate(fit_loader):
             if index >= steps_per_epoch:
@@ -390,7 +428,7 @@ class Trainer:
             step = epoch * steps_per_epoch + index
             lr = self._set_lr(step, decay_steps, warmup_steps)
             loss = self.train_step(images, labels)
-            self.peft.after_optimizer_step(step)
+            self.adapted.after_optimizer_step(step)
             loss_sum += loss * labels.numel()
             images_seen += labels.numel()
             if (index + 1) % cfg["nan_check_every"] == 0 or index + 1 == steps_per_epoch:
@@ -405,8 +443,12 @@ class Trainer:
         bar.close()
         outcome.train_seconds += time.perf_counter() - started
         outcome.train_images += images_seen
-        return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / images_seen,
-                "train_seconds": time.perf_counter() - started}
+        return {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": loss_sum.item() / images_seen,
+            "train_seconds": time.perf_counter() - started,
+        }
 
     def discard_checkpoint(self) -> None:
         """After the record is complete the checkpoint is only disk weight."""

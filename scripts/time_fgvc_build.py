@@ -43,8 +43,9 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     counts = spec.official_counts
     started = time.perf_counter()
-    extracted = fgvc_releases.write_release(spec, work / "release", spec.num_classes, counts["train"], counts["test"],
-                                             size=size)
+    extracted = fgvc_releases.write_release(
+        spec, work / "release", spec.num_classes, counts["train"], counts["test"], size=size
+    )
     archives = fgvc_releases.pack_release(spec.name, extracted, work / "downloads")
     shutil.rmtree(work / "release")
     prepared_s = time.perf_counter() - started
@@ -60,19 +61,29 @@ def main() -> None:
     decoded = verify_fgvc_folder(folder, spec.num_classes, spec.counts, spec.image_root, decode=True, progress=True)
     decode_s = time.perf_counter() - started
 
-    summary = {"dataset": spec.name, "images": sum(spec.counts.values()), "image_size": list(size),
-               "archive_bytes": archive_bytes, "build_from_archives_s": round(build_s, 1),
-               "verify_s": round(verify_s, 2), "verify_decode_s": round(decode_s, 1),
-               "verified_ok": report.ok and decoded.ok, "problems": report.problems[:5],
-               "counts": json.loads((folder / "manifest.json").read_text())["counts"],
-               "stand_in_written_s": round(prepared_s, 1), "cpu_count": os.cpu_count()}
+    summary = {
+        "dataset": spec.name,
+        "images": sum(spec.counts.values()),
+        "image_size": list(size),
+        "archive_bytes": archive_bytes,
+        "build_from_archives_s": round(build_s, 1),
+        "verify_s": round(verify_s, 2),
+        "verify_decode_s": round(decode_s, 1),
+        "verified_ok": report.ok and decoded.ok,
+        "problems": report.problems[:5],
+        "counts": json.loads((folder / "manifest.json").read_text())["counts"],
+        "stand_in_written_s": round(prepared_s, 1),
+        "cpu_count": os.cpu_count(),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"fgvc_build_{spec.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
-    print(f"{spec.name}: {summary['images']:,} images, archive {archive_bytes / 1e9:.2f} GB: build {build_s:.1f} s, "
-          f"verify {verify_s:.2f} s, verify --decode {decode_s:.1f} s, ok={summary['verified_ok']}, "
-          f"counts {summary['counts']}")
+    print(
+        f"{spec.name}: {summary['images']:,} images, archive {archive_bytes / 1e9:.2f} GB: build {build_s:.1f} s, "
+        f"verify {verify_s:.2f} s, verify --decode {decode_s:.1f} s, ok={summary['verified_ok']}, "
+        f"counts {summary['counts']}"
+    )
 
 
 if __name__ == "__main__":

@@ -92,45 +92,72 @@ def build(args: argparse.Namespace) -> int:
     for sdist in sorted(p for p in out.iterdir() if p.name.endswith(SDIST_SUFFIXES)):
         built = set(out.glob("*.whl"))
         pip(sys.executable, "wheel", "--no-deps", "--wheel-dir", str(out), str(sdist))
-        compiled = [wheel.name for wheel in sorted(set(out.glob("*.whl")) - built)
-                    if not wheel.name.endswith("-none-any.whl")]
+        compiled = [
+            wheel.name for wheel in sorted(set(out.glob("*.whl")) - built) if not wheel.name.endswith("-none-any.whl")
+        ]
         if compiled:
-            print(f"{sdist.name} has no wheel for Python {args.python_version} on {args.platform}, and its source "
-                  f"builds a wheel for this machine only ({', '.join(compiled)}): run this on a machine like the "
-                  "target, or pin a release that has a wheel for it", file=sys.stderr)
+            print(
+                f"{sdist.name} has no wheel for Python {args.python_version} on {args.platform}, and its source "
+                f"builds a wheel for this machine only ({', '.join(compiled)}): run this on a machine like the "
+                "target, or pin a release that has a wheel for it",
+                file=sys.stderr,
+            )
             return 1
         sdist.unlink()
     pip(sys.executable, "download", "--only-binary=:all:", "--dest", str(out), *build_requires())
     pip(sys.executable, "wheel", "--no-deps", "--wheel-dir", str(out), str(ROOT))
     # Without torch, its dependants (timm, peft, ...) cannot resolve here: then check each line has its wheel.
-    pip(sys.executable, "download", "--no-index", "--find-links", str(out), "--only-binary=:all:", "--dest", str(out),
-        *target, *(["--no-deps"] if args.keep_torch else []), "-r", str(requirements))
+    pip(
+        sys.executable,
+        "download",
+        "--no-index",
+        "--find-links",
+        str(out),
+        "--only-binary=:all:",
+        "--dest",
+        str(out),
+        *target,
+        *(["--no-deps"] if args.keep_torch else []),
+        "-r",
+        str(requirements),
+    )
 
     wheels = sorted(out.glob("*.whl"))
     size = sum(wheel.stat().st_size for wheel in wheels)
-    print(f"wheelhouse {out}: {len(wheels)} wheels, {size / 2**30:.2f} GiB, for Python {args.python_version} on "
-          f"{args.platform}{' without torch/CUDA' if args.keep_torch else ''}, in {time.perf_counter() - started:.0f} s."
-          f" Copy it next to the checkout on the target and run: make install-offline"
-          f"{' KEEP_TORCH=1' if args.keep_torch else ''}")
+    print(
+        f"wheelhouse {out}: {len(wheels)} wheels, {size / 2**30:.2f} GiB, for Python {args.python_version} on "
+        f"{args.platform}{' without torch/CUDA' if args.keep_torch else ''}, in {time.perf_counter() - started:.0f} s."
+        f" Copy it next to the checkout on the target and run: make install-offline"
+        f"{' KEEP_TORCH=1' if args.keep_torch else ''}"
+    )
     return 0
 
 
 def install(args: argparse.Namespace) -> int:
     wheelhouse, venv = args.wheelhouse.resolve(), args.venv
     if not any(wheelhouse.glob("*.whl")):
-        print(f"no wheels in {wheelhouse}: run `make wheelhouse PYTHON_VERSION=<this Python>` on a machine with "
-              "network access and copy the folder here", file=sys.stderr)
+        print(
+            f"no wheels in {wheelhouse}: run `make wheelhouse PYTHON_VERSION=<this Python>` on a machine with "
+            "network access and copy the folder here",
+            file=sys.stderr,
+        )
         return 2
     python = venv / "bin" / "python"
     if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", *(["--system-site-packages"] if args.keep_torch else []),
-                        str(venv)], check=True)
-    has_torch = "from importlib.metadata import version; print('keeping torch', version('torch'), version('torchvision'))"
+        subprocess.run(
+            [sys.executable, "-m", "venv", *(["--system-site-packages"] if args.keep_torch else []), str(venv)],
+            check=True,
+        )
+    has_torch = (
+        "from importlib.metadata import version; print('keeping torch', version('torch'), version('torchvision'))"
+    )
     if args.keep_torch and subprocess.run([str(python), "-c", has_torch]).returncode:
-        print(f"KEEP_TORCH=1, but {python} has no torch and torchvision installed: create the venv from the Python "
-              "that has the node's CUDA torch (make install-offline KEEP_TORCH=1 PYTHON=/path/to/that/python, "
-              f"after removing {venv}), or install without KEEP_TORCH from a wheelhouse built with torch",
-              file=sys.stderr)
+        print(
+            f"KEEP_TORCH=1, but {python} has no torch and torchvision installed: create the venv from the Python "
+            "that has the node's CUDA torch (make install-offline KEEP_TORCH=1 PYTHON=/path/to/that/python, "
+            f"after removing {venv}), or install without KEEP_TORCH from a wheelhouse built with torch",
+            file=sys.stderr,
+        )
         return 2
     requirements = venv / "requirements-offline.txt"
     requirements.write_text("\n".join(requirement_lines(args.lock, args.keep_torch)) + "\n")
@@ -147,15 +174,23 @@ def main(argv: list[str] | None = None) -> int:
         command = commands.add_parser(name)
         command.add_argument("--lock", type=Path, default=ROOT / "requirements.lock")
         command.add_argument("--wheelhouse", type=Path, default=ROOT / "wheelhouse")
-        command.add_argument("--keep-torch", action="store_true",
-                             help="without torch, torchvision, triton and the CUDA wheels: the node keeps its own")
+        command.add_argument(
+            "--keep-torch",
+            action="store_true",
+            help="without torch, torchvision, triton and the CUDA wheels: the node keeps its own",
+        )
         command.set_defaults(handler=handler)
         if name == "build":
-            command.add_argument("--python-version", default=f"{sys.version_info[0]}.{sys.version_info[1]}",
-                                 help="the target's Python, e.g. 3.12 (default: this interpreter's)")
-            command.add_argument("--platform", default="manylinux_2_28_x86_64",
-                                 help="the target's newest manylinux tag, i.e. its glibc (default: "
-                                      "manylinux_2_28_x86_64)")
+            command.add_argument(
+                "--python-version",
+                default=f"{sys.version_info[0]}.{sys.version_info[1]}",
+                help="the target's Python, e.g. 3.12 (default: this interpreter's)",
+            )
+            command.add_argument(
+                "--platform",
+                default="manylinux_2_28_x86_64",
+                help="the target's newest manylinux tag, i.e. its glibc (default: manylinux_2_28_x86_64)",
+            )
         else:
             command.add_argument("--venv", type=Path, default=ROOT / ".venv")
     args = parser.parse_args(argv)

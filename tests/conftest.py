@@ -47,11 +47,21 @@ def tiny_task(tmp_path: Path) -> Path:
 
 def tiny_overrides(tmp_path: Path, task: Path, *extra: str) -> list[str]:
     return [
-        "backbone=test_vit", "method=linear", "dataset=demo_digits",
-        f"paths.root_dir={tmp_path}", f"dataset.root={task.parent}", f"dataset.folder={task.name}",
-        f"dataset.num_classes={TINY_CLASSES}", "dataset.verify=false",  # a tiny task, not VTAB-1K-sized
-        "trainer.epochs=2", "trainer.batch_size=8", "trainer.eval_batch_size=16",
-        "trainer.num_workers=0", "trainer.progress=false", "optim.warmup_epochs=1", "optim.lr=0.01",
+        "backbone=test_vit",
+        "method=linear",
+        "dataset=demo_digits",
+        f"paths.root_dir={tmp_path}",
+        f"dataset.root={task.parent}",
+        f"dataset.folder={task.name}",
+        f"dataset.num_classes={TINY_CLASSES}",
+        "dataset.verify=false",  # a tiny task, not VTAB-1K-sized
+        "trainer.epochs=2",
+        "trainer.batch_size=8",
+        "trainer.eval_batch_size=16",
+        "trainer.num_workers=0",
+        "trainer.progress=false",
+        "optim.warmup_epochs=1",
+        "optim.lr=0.01",
         *extra,
     ]
 

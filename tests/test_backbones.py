@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import timm
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from san.backbones import WeightsUnavailableError, create_backbone, data_config, file_sha256, tensors_sha256
 from san.config import compose_config
-from san.cli.params import parameter_counts
-from omegaconf import OmegaConf
 
 
 def backbone_cfg(name: str, *overrides: str) -> dict:
@@ -59,7 +58,8 @@ def test_local_checkpoint_loads_through_timm(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save(source.state_dict(), path)
     model, weights = create_backbone(
-        backbone_cfg("test_vit", "backbone.pretrained=true", f"backbone.checkpoint_path={path}"), num_classes=3)
+        backbone_cfg("test_vit", "backbone.pretrained=true", f"backbone.checkpoint_path={path}"), num_classes=3
+    )
     assert weights.source == "local_file" and weights.file_sha256 == file_sha256(path)
     assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
     assert model.get_classifier().out_features == 3
@@ -69,19 +69,21 @@ def test_local_checkpoint_loads_through_timm(tmp_path):
 
 def test_missing_checkpoint_file_is_named(tmp_path):
     with pytest.raises(WeightsUnavailableError, match="nothing.pth"):
-        create_backbone(backbone_cfg("test_vit", "backbone.pretrained=true",
-                                     f"backbone.checkpoint_path={tmp_path / 'nothing.pth'}"), num_classes=3)
-
-
-@pytest.mark.parametrize("method, expected", [("full", 85_798_656), ("bitfit", 102_912), ("linear", 0)])
-def test_vit_b16_parameter_counts(method, expected):
-    counts = parameter_counts(["backbone=vit_b16_in21k", f"method={method}"])
-    assert counts["trainable_without_head"] == expected
+        create_backbone(
+            backbone_cfg(
+                "test_vit", "backbone.pretrained=true", f"backbone.checkpoint_path={tmp_path / 'nothing.pth'}"
+            ),
+            num_classes=3,
+        )
 
 
 def test_san_params_cli_prints_json_last_line():
-    output = subprocess.run([sys.executable, "-m", "san.cli.params", "backbone=test_vit", "method=bitfit"],
-                            capture_output=True, text=True, check=True).stdout
+    output = subprocess.run(
+        [sys.executable, "-m", "san.cli.params", "backbone=test_vit", "method=bitfit"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     counts = json.loads(output.strip().splitlines()[-1])
     assert set(counts) == {"trainable", "trainable_without_head", "total"}
     assert counts["total"] > counts["trainable"] > counts["trainable_without_head"] > 0

@@ -9,17 +9,23 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from san.backbones import DataConfig
 from san.data.cache import TensorLoader
 from san.data.loaders import build_loader
+from san.data.preprocessing import Preprocessing
 
-PREPROCESSING = DataConfig(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+PREPROCESSING = Preprocessing(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
 
 
 def _dataset(task: Path, transform: str = "resize") -> dict:
-    return {"name": "tiny", "format": "vtab_folder", "root": str(task.parent), "folder": task.name,
-            "num_classes": 4, "transform": transform,
-            "splits": {"train": "train800", "val": "val200", "trainval": "train800val200", "test": "test"}}
+    return {
+        "name": "tiny",
+        "format": "vtab_folder",
+        "root": str(task.parent),
+        "folder": task.name,
+        "num_classes": 4,
+        "transform": transform,
+        "splits": {"train": "train800", "val": "val200", "trainval": "train800val200", "test": "test"},
+    }
 
 
 def _batches(loader, seed: int) -> list:
@@ -44,15 +50,16 @@ def test_cache_is_reused_and_invalidated_by_list_image_or_transform(tiny_task, t
     cache = tmp_path / "cache"
 
     def cache_file(task_dataset, preprocessing=PREPROCESSING):
-        loader = build_loader(task_dataset, "val", preprocessing, train=False, batch_size=4, num_workers=0,
-                              cache_dir=cache)
+        loader = build_loader(
+            task_dataset, "val", preprocessing, train=False, batch_size=4, num_workers=0, cache_dir=cache
+        )
         return loader.cache_file
 
     first = cache_file(_dataset(tiny_task))
     stamp = first.stat().st_mtime_ns
     assert cache_file(_dataset(tiny_task)) == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
 
-    other_size = DataConfig(24, (0.5,) * 3, (0.5,) * 3, "bicubic")
+    other_size = Preprocessing(24, (0.5,) * 3, (0.5,) * 3, "bicubic")
     assert cache_file(_dataset(tiny_task), other_size) != first
     assert cache_file(_dataset(tiny_task, "resize_crop_flip")) != first
 
@@ -69,16 +76,31 @@ def test_cache_is_reused_and_invalidated_by_list_image_or_transform(tiny_task, t
 
 
 def test_random_augmentation_keeps_the_dataloader_path(tiny_task, tmp_path):
-    loader = build_loader(_dataset(tiny_task, "resize_crop_flip"), "train", PREPROCESSING, train=True,
-                          batch_size=4, num_workers=0, cache_dir=tmp_path / "cache")
+    loader = build_loader(
+        _dataset(tiny_task, "resize_crop_flip"),
+        "train",
+        PREPROCESSING,
+        train=True,
+        batch_size=4,
+        num_workers=0,
+        cache_dir=tmp_path / "cache",
+    )
     assert isinstance(loader, DataLoader)
 
 
 def test_bench_measures_ratios_side_by_side(tiny_task):
     from san.bench import run_bench, to_markdown
 
-    results = run_bench(["test_vit"], ["ssf", "vpt_shallow"], batch_size=8, steps=1, warmup=0, input_size=None,
-                        task_dir=tiny_task, workers=0)
+    results = run_bench(
+        ["test_vit"],
+        ["ssf", "vpt_shallow"],
+        batch_size=8,
+        steps=1,
+        warmup=0,
+        input_size=None,
+        task_dir=tiny_task,
+        workers=0,
+    )
     ssf, vpt = results["rows"]
     assert ssf["train_images_per_s"] > 0 and ssf["reference_pipeline_images_per_s"] > 0
     assert ssf["speedup_vs_reference"] == ssf["train_images_per_s"] / ssf["reference_pipeline_images_per_s"]

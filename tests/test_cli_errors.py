@@ -32,23 +32,69 @@ def test_console_scripts_report_user_errors_cleanly_and_bugs_with_traceback(tmp_
     root = [f"paths.root_dir={tmp_path / name}" for name in "abc"]  # no data there: the demo task is missing
     # (name, command, extra environment, exit status, texts stderr must hold, traceback expected)
     cases = [
-        ("unknown config option (Hydra composition)", ["san-train", "backbone=vit_b16"], {}, 2,
-         ["san-train: error: unknown backbone 'vit_b16'; accepted: convnext_b_in22k", "san-train backbone=vit_b16_in21k"],
-         False),
-        ("dataset missing (raised inside the Hydra task)", ["san-train", "backbone=test_vit", root[0]], {}, 2,
-         ["san-train: error: dataset 'demo_digits': folder", "does not exist", "san-prepare demo --out"], False),
-        ("the same with HYDRA_FULL_ERROR=1", ["san-train", "backbone=test_vit", root[1]], {"HYDRA_FULL_ERROR": "1"}, 2,
-         ["MissingDatasetError", "san-train: error: dataset 'demo_digits'"], True),
-        ("a bug keeps Hydra's traceback", ["san-train", "backbone=test_vit", "+backbone.kwargs.bogus=1", root[2]], {}, 1,
-         ["TypeError", "unexpected keyword argument 'bogus'"], True),
-        ("argparse tool: a refusal through SystemExit", ["san-prepare", "verify", str(empty)], {}, 2,
-         [f"no dataset folders under {empty}", "san-prepare vtab --out"], False),
-        ("--debug shows the traceback of a user error", ["san-params", "--debug", "backbone=test_vit", "method=nope"],
-         {}, 2, ["san-params: error: unknown method 'nope'; accepted:", "san-params method="], True),
+        (
+            "unknown config option (Hydra composition)",
+            ["san-train", "backbone=vit_b16"],
+            {},
+            2,
+            [
+                "san-train: error: unknown backbone 'vit_b16'; accepted: convnext_b_in22k",
+                "san-train backbone=vit_b16_in21k",
+            ],
+            False,
+        ),
+        (
+            "dataset missing (raised inside the Hydra task)",
+            ["san-train", "backbone=test_vit", root[0]],
+            {},
+            2,
+            ["san-train: error: dataset 'demo_digits': folder", "does not exist", "san-prepare demo --out"],
+            False,
+        ),
+        (
+            "the same with HYDRA_FULL_ERROR=1",
+            ["san-train", "backbone=test_vit", root[1]],
+            {"HYDRA_FULL_ERROR": "1"},
+            2,
+            ["MissingDatasetError", "san-train: error: dataset 'demo_digits'"],
+            True,
+        ),
+        (
+            "a bug keeps Hydra's traceback",
+            ["san-train", "backbone=test_vit", "+backbone.kwargs.bogus=1", root[2]],
+            {},
+            1,
+            ["TypeError", "unexpected keyword argument 'bogus'"],
+            True,
+        ),
+        (
+            "argparse tool: a refusal through SystemExit",
+            ["san-prepare", "verify", str(empty)],
+            {},
+            2,
+            [f"no dataset folders under {empty}", "san-prepare vtab --out"],
+            False,
+        ),
+        (
+            "--debug shows the traceback of a user error",
+            ["san-params", "--debug", "backbone=test_vit", "method=nope"],
+            {},
+            2,
+            ["san-params: error: unknown method 'nope'; accepted:", "san-params method="],
+            True,
+        ),
     ]
-    processes = [subprocess.Popen([str(BIN / command[0]), *command[1:]], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=_env(**extra))
-                 for _, command, extra, *_ in cases]
+    processes = [
+        subprocess.Popen(
+            [str(BIN / command[0]), *command[1:]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env=_env(**extra),
+        )
+        for _, command, extra, *_ in cases
+    ]
     for (name, _, _, status, texts, traceback), process in zip(cases, processes):
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == status, (name, stderr)
@@ -86,12 +132,18 @@ def test_bugs_pass_through_untouched():
         console.console_script("tool")(lambda argv: 1 / 0)([])
 
 
-@pytest.mark.parametrize("override, expected", [
-    (["trainer.epoch=3"], ["no setting 'trainer.epoch'", "did you mean trainer.epochs?", "+trainer.epoch=<value>"]),
-    (["trainer.epochs"], ["cannot parse the override 'trainer.epochs'", "missing EQUAL", "e.g. prog optim.lr=0.01"]),
-    (["method=loraa"], ["unknown method 'loraa'; accepted: adalora,", "For example: prog method=lora"]),
-    (["+backbone=test_vit"], ["Multiple values for backbone"]),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (["trainer.epoch=3"], ["no setting 'trainer.epoch'", "did you mean trainer.epochs?", "+trainer.epoch=<value>"]),
+        (
+            ["trainer.epochs"],
+            ["cannot parse the override 'trainer.epochs'", "missing EQUAL", "e.g. prog optim.lr=0.01"],
+        ),
+        (["method=loraa"], ["unknown method 'loraa'; accepted: adalora,", "For example: prog method=lora"]),
+        (["+backbone=test_vit"], ["Multiple values for backbone"]),
+    ],
+)
 def test_hydra_composition_errors_become_one_message(override, expected):
     with pytest.raises(Exception) as error:
         compose_config(override)
@@ -104,18 +156,25 @@ def test_hydra_composition_errors_become_one_message(override, expected):
 def test_unset_config_value_names_the_override():
     cfg = compose_config(["+extra.value=???"])
     with pytest.raises(Exception) as error:
-        cfg.extra.value
+        _ = cfg.extra.value
     assert console.user_message(error.value, "san-train") == (
-        "extra.value has no value (it is ??? in the config); set it: san-train extra.value=<value>")
+        "extra.value has no value (it is ??? in the config); set it: san-train extra.value=<value>"
+    )
 
 
 NAMED_ERRORS = [  # (module, class): every error the suite raises on purpose for a user to act on
-    ("san.data.errors", "DatasetError"), ("san.data.errors", "MissingDatasetError"),
-    ("san.data.errors", "LabelRangeError"), ("san.data.errors", "ClassCountMismatchError"),
-    ("san.data.images", "CorruptImageError"), ("san.data.vtab_folder", "VerificationError"),
-    ("san.data.fgvc_sources", "SourceError"), ("san.run", "DatasetVerificationError"),
-    ("san.backbones", "WeightsUnavailableError"), ("san.methods.base", "UnsupportedBackboneError"),
-    ("san.methods.base", "NotMergeableError"), ("san.methods.registry", "UnknownMethodError"),
+    ("san.data.errors", "DatasetError"),
+    ("san.data.errors", "MissingDatasetError"),
+    ("san.data.errors", "LabelRangeError"),
+    ("san.data.errors", "ClassCountMismatchError"),
+    ("san.data.images", "CorruptImageError"),
+    ("san.methods.registry", "NoMethodsInstalledError"),
+    ("san.data.fgvc_sources", "SourceError"),
+    ("san.run", "DatasetVerificationError"),
+    ("san.backbones", "WeightsUnavailableError"),
+    ("san.methods.base", "UnsupportedBackboneError"),
+    ("san.methods.base", "NotMergeableError"),
+    ("san.methods.registry", "UnknownMethodError"),
 ]
 
 
@@ -133,10 +192,19 @@ def test_user_errors_keep_their_builtin_bases():
     assert issubclass(ConfigError, ValueError)
 
 
-@pytest.mark.parametrize("module, name", [("san.protocol.plan", "PlanError"), ("san.protocol.grid", "EmptyGridError"),
-                                          ("san.protocol.selection", "SelectionError"), ("san.report.results", "ReportError"),
-                                          ("san.locks", "RunBusyError"), ("san.trainer", "PrecisionError"),
-                                          ("san.trainer", "CheckpointError"), ("san.trainer", "TrainingInterrupted")])
+@pytest.mark.parametrize(
+    "module, name",
+    [
+        ("san.protocol.plan", "PlanError"),
+        ("san.protocol.grid", "EmptyGridError"),
+        ("san.protocol.selection", "SelectionError"),
+        ("san.report.results", "ReportError"),
+        ("san.locks", "RunBusyError"),
+        ("san.trainer", "PrecisionError"),
+        ("san.trainer", "CheckpointError"),
+        ("san.trainer", "TrainingInterrupted"),
+    ],
+)
 def test_errors_raised_on_purpose_are_user_errors(module, name):
     """Each reaches the user as one clean message (exit 2), not a traceback."""
     from san.errors import UserError

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from san.config import compose_config, config_dir
 from san.cli.params import parameter_counts
 from san.cli.sweep import main as sweep_main
+from san.config import compose_config, config_dir
 from san.efficiency import flops_per_image
+from san.identity import resolved
 from san.protocol.costs import CHECKPOINT_BYTES_PER_TRAINABLE, checkpoint_writes, evaluations
 from san.protocol.model_costs import REFERENCE_CLASSES, ModelCosts, _count, measure
 from san.protocol.split_sizes import role_size
 from san.protocol.sweep import dry_run_report
-from san.run import resolved
 
 # Pinned so the hand computation below holds whatever the trainer defaults become: one
 # checkpoint per run (a demo run is far shorter than 5 minutes).
@@ -29,8 +29,19 @@ def test_dry_run_prints_the_account_as_its_last_line_with_hand_computed_totals(c
     lines = capsys.readouterr().out.strip().splitlines()
     account = json.loads(lines[-1])
     assert lines[0] == "cells: 1, tune_runs: 2, final_runs: 2, total_runs: 4"
-    for field in ("runs", "train_image_steps", "eval_image_forwards", "checkpoint_bytes", "overhead_ratio",
-                  "predicted_h100_hours", "mfu", "peak_flops_per_s", "assumptions", "per_method", "per_stage"):
+    for field in (
+        "runs",
+        "train_image_steps",
+        "eval_image_forwards",
+        "checkpoint_bytes",
+        "overhead_ratio",
+        "predicted_h100_hours",
+        "mfu",
+        "peak_flops_per_s",
+        "assumptions",
+        "per_method",
+        "per_stage",
+    ):
         assert field in account, field
     assert account["runs"] == 4
     assert account["per_stage"]["tune"]["runs"] == 2 and account["per_stage"]["final"]["runs"] == 2
@@ -49,7 +60,8 @@ def test_account_fields_are_consistent():
     train, evaluation = account["train_flops"], account["eval_flops"]
     assert account["overhead_ratio"] == pytest.approx((train + evaluation) / train, abs=1e-4)
     assert account["predicted_h100_hours"] == pytest.approx(
-        (train + evaluation) / (account["mfu"] * account["peak_flops_per_s"]) / 3600, abs=0.01)
+        (train + evaluation) / (account["mfu"] * account["peak_flops_per_s"]) / 3600, abs=0.01
+    )
     assert sorted(account["per_method"]) == ["bitfit", "full", "linear", "san"]
     for field in ("runs", "train_image_steps", "eval_image_forwards", "checkpoint_bytes"):
         assert sum(m[field] for m in account["per_method"].values()) == pytest.approx(account[field], abs=2)
@@ -113,7 +125,8 @@ def test_counts_on_the_meta_device_equal_real_weights_and_the_suites_counter(met
     assert meta == {**_count(config["backbone"], config["method"], "cpu"), "counted_on": "meta"}
     # The table counts a REFERENCE_CLASSES-way head (its share of the FLOPs is negligible).
     assert meta["forward_flops"] == flops_per_image(
-        {**config, "dataset": {**config["dataset"], "num_classes": REFERENCE_CLASSES}})
+        {**config, "dataset": {**config["dataset"], "num_classes": REFERENCE_CLASSES}}
+    )
     params = parameter_counts(["backbone=test_vit", f"method={method}", "dataset=demo_digits"])
     assert meta["trainable_without_head"] == params["trainable_without_head"]
     assert meta["trainable_without_head"] + meta["head_params_per_class"] * 10 == params["trainable"]
@@ -133,11 +146,17 @@ def test_stored_table_holds_the_readme_parameter_counts():
     #   python -m san.protocol.model_costs experiment=vtab dataset=cifar
     costs = ModelCosts()
     vit = OmegaConf.to_container(OmegaConf.load(Path(config_dir(), "backbone", "vit_b16_in21k.yaml")))
-    expected = {"san": 205_824, "ssf": 205_824, "bitfit": 102_912, "lora": 294_912, "vpt_deep": 92_160,
-                "adapter": 156_768, "full": 85_798_656, "linear": 0}
-    entries = {method: costs.get(vit, OmegaConf.to_container(OmegaConf.load(Path(config_dir(), "method",
-                                                                                 f"{method}.yaml"))))
-               for method in expected}
+    expected = {
+        "san": 205_824,
+        "ssf": 205_824,
+        "bitfit": 102_912,
+        "lora": 294_912,
+        "vpt_deep": 92_160,
+        "adapter": 156_768,
+        "full": 85_798_656,
+        "linear": 0,
+    }
+    entries = {method: costs.get(vit, resolved(compose_config([f"method={method}"]))["method"]) for method in expected}
     assert {m: e["trainable_without_head"] for m, e in entries.items()} == expected
     assert costs.counted_now == []
     # ViT-B/16 at 224, counted with fused attention off (san/efficiency.py): 35.1 GFLOPs.

@@ -7,19 +7,25 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_tiny_vtab_task
+
 from san.data.demo_suite import TASKS, write_demo_suite
-from san.data.images import CorruptImageError, ImageListDataset, build_transform
-from san.data.splits import (ClassCountMismatchError, DatasetError, LabelRangeError, MissingDatasetError,
-                             read_split)
+from san.data.images import CorruptImageError
+from san.data.splits import ClassCountMismatchError, DatasetError, LabelRangeError, MissingDatasetError, read_split
+from san.data.transforms import ImageListDataset, build_transform
 
 
 def vtab_cfg(task: Path, num_classes: int = 4) -> dict:
-    return {"name": "tiny", "format": "vtab_folder", "root": str(task.parent), "folder": task.name,
-            "num_classes": num_classes, "transform": "resize",
-            "splits": {"train": "train800", "val": "val200", "trainval": "train800val200", "test": "test"},
-            "prepare_command": "san-prepare demo --out somewhere"}
+    return {
+        "name": "tiny",
+        "format": "vtab_folder",
+        "root": str(task.parent),
+        "folder": task.name,
+        "num_classes": num_classes,
+        "transform": "resize",
+        "splits": {"train": "train800", "val": "val200", "trainval": "train800val200", "test": "test"},
+        "prepare_command": "san-prepare demo --out somewhere",
+    }
 
 
 def test_reads_all_roles(tiny_task):
@@ -85,9 +91,16 @@ def test_reader_accepts_jpeg_and_png(tmp_path):
 
 
 def fgvc_cfg(root: Path, num_classes: int) -> dict:
-    return {"name": "birds", "format": "fgvc_json", "root": str(root), "folder": "birds", "image_root": "images",
-            "num_classes": num_classes, "split_files": ["train", "val", "test"],
-            "splits": {"train": "train", "val": "val", "trainval": ["train", "val"], "test": "test"}}
+    return {
+        "name": "birds",
+        "format": "fgvc_json",
+        "root": str(root),
+        "folder": "birds",
+        "image_root": "images",
+        "num_classes": num_classes,
+        "split_files": ["train", "val", "test"],
+        "splits": {"train": "train", "val": "val", "trainval": ["train", "val"], "test": "test"},
+    }
 
 
 def write_fgvc(root: Path) -> None:

@@ -25,8 +25,13 @@ def _tables(folder: Path) -> dict[str, dict[str, int]]:
 
 
 def test_documented_sizes_follow_from_the_release_and_match_the_configs(compose):
-    vpt = {"cub": (5394, 600, 5794), "nabirds": (21536, 2393, 24633), "oxford_flowers": (1020, 1020, 6149),
-           "stanford_dogs": (10800, 1200, 8580), "stanford_cars": (7329, 815, 8041)}  # VPT's published sizes
+    vpt = {
+        "cub": (5394, 600, 5794),
+        "nabirds": (21536, 2393, 24633),
+        "oxford_flowers": (1020, 1020, 6149),
+        "stanford_dogs": (10800, 1200, 8580),
+        "stanford_cars": (7329, 815, 8041),
+    }  # VPT's published sizes
     for name, (train, val, test) in vpt.items():
         spec = SPECS[name]
         assert spec.counts == {"train": train, "val": val, "test": test}, name
@@ -64,10 +69,24 @@ def test_build_from_the_release_folder_and_from_its_archives(tmp_path, name):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["counts"] == spec.counts and manifest["num_classes"] == spec.num_classes
     assert not list((tmp_path / "fgvc").glob(".*"))  # no staging or unpacked release left behind
-    assert len(read_split({"name": name, "format": "fgvc_json", "root": str(tmp_path / "fgvc"), "folder": name,
-                           "image_root": spec.image_root, "split_files": ["train", "val", "test"],
-                           "num_classes": spec.num_classes, "splits": {"trainval": ["train", "val"]}},
-                          "trainval")) == spec.counts["train"] + spec.counts["val"]
+    assert (
+        len(
+            read_split(
+                {
+                    "name": name,
+                    "format": "fgvc_json",
+                    "root": str(tmp_path / "fgvc"),
+                    "folder": name,
+                    "image_root": spec.image_root,
+                    "split_files": ["train", "val", "test"],
+                    "num_classes": spec.num_classes,
+                    "splits": {"trainval": ["train", "val"]},
+                },
+                "trainval",
+            )
+        )
+        == spec.counts["train"] + spec.counts["val"]
+    )
 
     downloads = pack_release(name, extracted, tmp_path / "downloads")
     shutil.rmtree(tmp_path / "release")  # only the archives remain
@@ -257,12 +276,21 @@ def test_verify_cli_checks_fgvc_folders_by_name_or_manifest(built, capsys):
         prepare(["fgvc", "--dataset", "cub", "--src", str(root / "nowhere"), "--out", str(root / "cub")])
 
 
+@pytest.mark.slow
 def test_a_built_release_trains_and_a_failing_folder_is_refused(built, tmp_path, compose):
     folder, spec = built
     counts = spec.counts
-    base = ["backbone=test_vit", "method=linear", "dataset=cub", f"paths.root_dir={tmp_path}",
-            f"dataset.root={folder.parent}", f"dataset.num_classes={spec.num_classes}",
-            "debug=fdr", "trainer.num_workers=0", "trainer.progress=false"]
+    base = [
+        "backbone=test_vit",
+        "method=linear",
+        "dataset=cub",
+        f"paths.root_dir={tmp_path}",
+        f"dataset.root={folder.parent}",
+        f"dataset.num_classes={spec.num_classes}",
+        "debug=fdr",
+        "trainer.num_workers=0",
+        "trainer.progress=false",
+    ]
     sized = [f"dataset.expected_counts={{train: {counts['train']}, val: {counts['val']}, test: {counts['test']}}}"]
     record = read_record(run(compose(base + sized)))
     assert record["status"] == "complete"

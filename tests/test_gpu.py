@@ -12,27 +12,30 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+from helpers import perturb_trainable, tiny_model
+
 from san.config import compose_config
 from san.methods.registry import build_method
 from san.run import run
 from san.trainer import bf16_supported, resolve_precision
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make test-gpu)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make test-gpu)"),
+]
 
 
 def _gpu_run(tmp_path, task, *extra):
-    record_path = run(compose_config(tiny_overrides(tmp_path, task, "trainer.device=cuda", "trainer.epochs=3",
-                                                    *extra)))
+    record_path = run(compose_config(tiny_overrides(tmp_path, task, "trainer.device=cuda", "trainer.epochs=3", *extra)))
     record = json.loads(record_path.read_text())
     assert record["status"] == "complete", record.get("error")
     return record
 
 
-@pytest.mark.parametrize("precision, dtype", [("bf16", "torch.bfloat16"), ("fp16", "torch.float16"),
-                                              ("fp32", "float32")])
+@pytest.mark.parametrize(
+    "precision, dtype", [("bf16", "torch.bfloat16"), ("fp16", "torch.float16"), ("fp32", "float32")]
+)
 @pytest.mark.parametrize("method", ["full", "ssf", "san", "lora"])
 def test_run_on_cuda_in_each_precision(tmp_path, tiny_task, precision, dtype, method):
     record = _gpu_run(tmp_path, tiny_task, f"method={method}", f"trainer.precision={precision}")
@@ -61,7 +64,10 @@ def test_same_seed_same_result_on_cuda(tmp_path, tiny_task):
     """trainer.deterministic=true (the default) on CUDA: deterministic kernels, identical epochs."""
     first = _gpu_run(tmp_path / "a", tiny_task, "method=ssf", "trainer.precision=bf16")
     second = _gpu_run(tmp_path / "b", tiny_task, "method=ssf", "trainer.precision=bf16")
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]
+
     assert strip(first["metrics"]["per_epoch"]) == strip(second["metrics"]["per_epoch"])
 
 
@@ -70,8 +76,14 @@ def test_compile_gives_the_uncompiled_result_without_recompiling_every_epoch(tmp
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = _gpu_run(tmp_path / "compiled", tiny_task, "method=ssf", "trainer.compile=true",
-                        "trainer.precision=fp32", "trainer.epochs=4")
+    compiled = _gpu_run(
+        tmp_path / "compiled",
+        tiny_task,
+        "method=ssf",
+        "trainer.compile=true",
+        "trainer.precision=fp32",
+        "trainer.epochs=4",
+    )
     # train (full batches + the last partial one) and eval (padded to one shape): a handful of
     # graphs, however many epochs run.
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -95,8 +107,16 @@ def test_cached_split_lives_on_the_device(tmp_path, tiny_task):
 
     config = compose_config(tiny_overrides(tmp_path, tiny_task))
     model, _ = create_backbone(dict(config.backbone), 4)
-    loader = build_loader(config.dataset, "train", data_config(model, 32), train=True, batch_size=8, num_workers=0,
-                          cache_dir=tmp_path / "cache", progress=False)
+    loader = build_loader(
+        config.dataset,
+        "train",
+        data_config(model, 32),
+        train=True,
+        batch_size=8,
+        num_workers=0,
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
     loader.to_device(torch.device("cuda"))
     images, labels = next(iter(loader))
     assert images.is_cuda and labels.is_cuda and images.dtype == torch.uint8
@@ -106,14 +126,8 @@ def test_cached_split_lives_on_the_device(tmp_path, tiny_task):
 
 @pytest.mark.parametrize("method", ["ssf", "san", "san_early", "lora", "bitfit"])
 def test_merge_on_the_device_equals_the_adapted_model(method):
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model("test_vit", num_classes=5, img_size=32).cuda().eval()
-    adapted = build_method(method, model)
-    with torch.no_grad():  # move every method tensor off its identity initialisation
-        for _, parameter in adapted.named_trainable_parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
+    adapted = build_method(method, tiny_model("test_vit").cuda())
+    perturb_trainable(adapted)  # every method tensor off its identity initialisation
     x = torch.randn(4, 3, 32, 32, device="cuda")
     with torch.no_grad():
         expected = adapted.model.eval()(x)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from san.config import compose_config
+from san.identity import resolved
 from san.protocol import compose as compose_module
 from san.protocol.compose import CellComposer, interpolation_references
 from san.protocol.grid import format_override, grid_points
 from san.protocol.plan import Cell, Plan, _absolute_paths
-from san.run import resolved
 
 
 def full_composition(plan: Plan, stage: str, cell: Cell, point: tuple[str, ...], seed: int) -> dict:
@@ -24,8 +24,13 @@ def full_composition(plan: Plan, stage: str, cell: Cell, point: tuple[str, ...],
 # (VPT's prompt length) an axis, a labelled variant (++method.label plus fixed overrides), a
 # drop-path axis on the backbone, a per-task fixed override, FGVC's list-valued splits.
 # (Every job of these five experiments was compared once, outside the test suite.)
-CASES = [("demo", "full", "demo_object_count"), ("vtab", "vpt_deep", "kitti"), ("fgvc", "adapter", "stanford_cars"),
-         ("san_ablation", "san_no_propagation", "svhn"), ("drop_path", "ssf", "cifar")]
+CASES = [
+    ("demo", "full", "demo_object_count"),
+    ("vtab", "vpt_deep", "kitti"),
+    ("fgvc", "adapter", "stanford_cars"),
+    ("san_ablation", "san_no_propagation", "svhn"),
+    ("drop_path", "ssf", "cifar"),
+]
 
 
 @pytest.mark.parametrize("experiment, method, task", CASES, ids=[c[0] for c in CASES])
@@ -70,8 +75,18 @@ def test_compose_runs_once_per_cell_and_stage(monkeypatch):
 CELL = ["experiment=demo", "method=linear", "dataset=demo_digits", "protocol=tune"]
 
 
-@pytest.mark.parametrize("bad", ["optim.lrr=0.1", "seed.value=1", "+seed=1", "optim.lr=0.1,0.2",
-                                 "~optim.no_such_key", "optim.lr=[1,2", "no_such_group=x"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "optim.lrr=0.1",
+        "seed.value=1",
+        "+seed=1",
+        "optim.lr=0.1,0.2",
+        "~optim.no_such_key",
+        "optim.lr=[1,2",
+        "no_such_group=x",
+    ],
+)
 def test_a_bad_job_override_fails_exactly_as_hydra_does(bad):
     with pytest.raises(Exception) as hydra_error:
         compose_config([*CELL, bad])
@@ -80,14 +95,17 @@ def test_a_bad_job_override_fails_exactly_as_hydra_does(bad):
     assert str(planner_error.value) == str(hydra_error.value)
 
 
-@pytest.mark.parametrize("own", [
-    ["paths.data_dir=/elsewhere"],  # read by dataset.root and prepare_command: composed in full
-    ["+trainer.new_setting=3", "seed=4"],
-    ["method.train_head=false", "optim.lr=0.5"],
-    ["++backbone.kwargs={img_size: 32}"],
-    ["backbone.kwargs=5"],  # Hydra lets a value replace a dict node; so does the planner
-    ["trainer.limit_train_batches=2", "trainer.eval_every=null", "dataset.verify=no"],
-])
+@pytest.mark.parametrize(
+    "own",
+    [
+        ["paths.data_dir=/elsewhere"],  # read by dataset.root and prepare_command: composed in full
+        ["+trainer.new_setting=3", "seed=4"],
+        ["method.train_head=false", "optim.lr=0.5"],
+        ["++backbone.kwargs={img_size: 32}"],
+        ["backbone.kwargs=5"],  # Hydra lets a value replace a dict node; so does the planner
+        ["trainer.limit_train_batches=2", "trainer.eval_every=null", "dataset.verify=no"],
+    ],
+)
 def test_valid_job_overrides_give_the_full_composition(own):
     composer = CellComposer()
     assert composer.config(CELL, own) == resolved(compose_config([*CELL, *own]))

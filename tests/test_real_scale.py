@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -18,13 +17,15 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_overrides, write_tiny_vtab_task
+from helpers import without_timings
 from torch import nn
 
-from conftest import tiny_overrides, write_tiny_vtab_task
 from san.config import compose_config
-from san.locks import LockBusy, file_lock, run_lock, RunBusyError
+from san.identity import identity, resolved, run_dir_for
+from san.locks import LockBusy, RunBusyError, file_lock, run_lock
 from san.records import read_record
-from san.run import identity, resolved, run, run_dir_for
+from san.run import run
 from san.trainer import CheckpointError, Trainer
 
 
@@ -43,8 +44,16 @@ def test_moving_data_and_results_keeps_the_run_identity(tmp_path, tiny_task):
     assert run_dir_for(here).relative_to(tmp_path) == run_dir_for(there).relative_to(tmp_path / "other_results")
 
 
-@pytest.mark.parametrize("neutral", ["trainer.eval_every=5", "trainer.nan_check_every=3", "trainer.device=cpu",
-                                     "trainer.progress=true", "trainer.checkpoint_every_minutes=1"])
+@pytest.mark.parametrize(
+    "neutral",
+    [
+        "trainer.eval_every=5",
+        "trainer.nan_check_every=3",
+        "trainer.device=cpu",
+        "trainer.progress=true",
+        "trainer.checkpoint_every_minutes=1",
+    ],
+)
 def test_result_neutral_settings_are_not_identity(tmp_path, tiny_task, neutral):
     assert identity(_config(tmp_path, tiny_task)) == identity(_config(tmp_path, tiny_task, neutral))
 
@@ -55,6 +64,7 @@ def test_result_settings_are_identity(tmp_path, tiny_task):
     assert base != identity(_config(tmp_path, tiny_task, "trainer.label_smoothing=0.1"))
 
 
+@pytest.mark.slow
 def test_a_different_copy_of_a_task_is_a_different_run(tmp_path, tiny_task):
     other = write_tiny_vtab_task(tmp_path / "other_copy", name=tiny_task.name, seed=1)
     lines = (other / "val200.txt").read_text().splitlines()
@@ -67,14 +77,15 @@ def test_a_different_copy_of_a_task_is_a_different_run(tmp_path, tiny_task):
 
 
 # --- evaluation policy ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_final_run_reads_test_once_and_tune_runs_evaluate_at_the_end(tmp_path, tiny_task):
-    final = read_record(run(compose_config(tiny_overrides(tmp_path, tiny_task, "protocol=final",
-                                                          "trainer.epochs=3"))))
+    final = read_record(run(compose_config(tiny_overrides(tmp_path, tiny_task, "protocol=final", "trainer.epochs=3"))))
     assert final["cost"]["evaluations"] == 1
     assert final["cost"]["eval_images"] == 16  # the tiny test split, once
     assert [("test_top1" in row) for row in final["metrics"]["per_epoch"]] == [False, False, True]
-    curve = read_record(run(compose_config(tiny_overrides(tmp_path, tiny_task, "trainer.epochs=4",
-                                                          "trainer.eval_every=2"))))
+    curve = read_record(
+        run(compose_config(tiny_overrides(tmp_path, tiny_task, "trainer.epochs=4", "trainer.eval_every=2")))
+    )
     assert [("val_top1" in row) for row in curve["metrics"]["per_epoch"]] == [False, True, False, True]
 
 
@@ -85,9 +96,16 @@ def test_experiment_defaults_evaluate_once():
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_checkpoint_holds_only_trainable_tensors_and_their_state(tmp_path, tiny_task):
-    config = _config(tmp_path, tiny_task, "method=bitfit", "trainer.epochs=2", "trainer.checkpoint_every_epochs=1",
-                     "trainer.keep_checkpoint=true")
+    config = _config(
+        tmp_path,
+        tiny_task,
+        "method=bitfit",
+        "trainer.epochs=2",
+        "trainer.checkpoint_every_epochs=1",
+        "trainer.keep_checkpoint=true",
+    )
     record = read_record(run(config))
     assert record["cost"]["checkpoints_written"] == 1  # after epoch 1; the last epoch ends in the record
     state = torch.load(run_dir_for(config) / "checkpoint.pt", weights_only=True)
@@ -99,11 +117,13 @@ def test_checkpoint_holds_only_trainable_tensors_and_their_state(tmp_path, tiny_
     assert moments == 2 * trainable  # AdamW's two moments for each trainable tensor, nothing else
 
 
+@pytest.mark.slow
 def test_default_policy_checkpoints_by_time_not_every_epoch(tmp_path, tiny_task):
     record = read_record(run(compose_config(tiny_overrides(tmp_path, tiny_task, "trainer.epochs=3"))))
     assert record["cost"]["checkpoints_written"] == 0  # three fast epochs are far under 5 minutes
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_epoch_and_resume_equals_the_uninterrupted_run(tmp_path, tiny_task, monkeypatch):
     extra = ("method=full", "trainer.epochs=3")
     reference = read_record(run(compose_config(tiny_overrides(tmp_path / "ref", tiny_task, *extra))))
@@ -117,6 +137,7 @@ def test_sigterm_checkpoints_the_epoch_and_resume_equals_the_uninterrupted_run(t
 
     monkeypatch.setattr(Trainer, "_fit_epoch", preempted_in_first_epoch)
     from san.trainer import TrainingInterrupted
+
     with pytest.raises(TrainingInterrupted, match="run the same command again"):
         run(cfg)
     run_dir = run_dir_for(resolved(cfg))
@@ -126,8 +147,7 @@ def test_sigterm_checkpoints_the_epoch_and_resume_equals_the_uninterrupted_run(t
     monkeypatch.setattr(Trainer, "_fit_epoch", original)
     resumed = read_record(run(cfg))
     assert resumed["cost"]["resumed_from_epoch"] == 1
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]
-    assert strip(resumed["metrics"]["per_epoch"]) == strip(reference["metrics"]["per_epoch"])
+    assert without_timings(resumed["metrics"]["per_epoch"]) == without_timings(reference["metrics"]["per_epoch"])
 
 
 class _RunsCode:
@@ -184,8 +204,9 @@ def test_waiting_for_a_lock_file_gets_it_when_released(tmp_path, monkeypatch):
     monkeypatch.setattr(locks.fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.EOPNOTSUPP, "no")))
     order = []
     with file_lock(tmp_path / ".lock"):
-        waiter = threading.Thread(target=lambda: (file_lock(tmp_path / ".lock", wait=True, poll_s=0.01).__enter__(),
-                                                  order.append("waiter")))
+        waiter = threading.Thread(
+            target=lambda: (file_lock(tmp_path / ".lock", wait=True, poll_s=0.01).__enter__(), order.append("waiter"))
+        )
         waiter.start()
         time.sleep(0.1)
         order.append("holder releases")
@@ -195,14 +216,28 @@ def test_waiting_for_a_lock_file_gets_it_when_released(tmp_path, monkeypatch):
 
 # --- the decoded-split cache ---------------------------------------------------------------------
 def _cache_worker(task: str, cache: str) -> None:
-    from san.backbones import DataConfig
     from san.data.loaders import build_loader
+    from san.data.preprocessing import Preprocessing
 
-    dataset = {"name": "tiny", "format": "vtab_folder", "root": os.path.dirname(task),
-               "folder": os.path.basename(task), "num_classes": 4, "transform": "resize",
-               "splits": {"train": "train800", "val": "val200", "trainval": "train800val200", "test": "test"}}
-    build_loader(dataset, "test", DataConfig(16, (0.5,) * 3, (0.5,) * 3, "bicubic"), train=False, batch_size=4,
-                 num_workers=0, cache_dir=cache, progress=False)
+    dataset = {
+        "name": "tiny",
+        "format": "vtab_folder",
+        "root": os.path.dirname(task),
+        "folder": os.path.basename(task),
+        "num_classes": 4,
+        "transform": "resize",
+        "splits": {"train": "train800", "val": "val200", "trainval": "train800val200", "test": "test"},
+    }
+    build_loader(
+        dataset,
+        "test",
+        Preprocessing(16, (0.5,) * 3, (0.5,) * 3, "bicubic"),
+        train=False,
+        batch_size=4,
+        num_workers=0,
+        cache_dir=cache,
+        progress=False,
+    )
 
 
 def test_concurrent_runs_build_the_cache_once_and_read_it_memory_mapped(tiny_task, tmp_path, monkeypatch):
@@ -243,8 +278,14 @@ def test_cache_key_follows_the_decoder_and_resize_versions(tiny_task, monkeypatc
     from san.data.cache import cache_key
     from san.data.splits import read_split
 
-    dataset = {"name": "tiny", "format": "vtab_folder", "root": str(tiny_task.parent), "folder": tiny_task.name,
-               "num_classes": 4, "splits": {"test": "test"}}
+    dataset = {
+        "name": "tiny",
+        "format": "vtab_folder",
+        "root": str(tiny_task.parent),
+        "folder": tiny_task.name,
+        "num_classes": 4,
+        "splits": {"test": "test"},
+    }
     examples = read_split(dataset, "test")
     before = cache_key(examples, {"size": 16})
     monkeypatch.setattr(PIL, "__version__", "0.0.0")
@@ -271,8 +312,11 @@ def test_training_flops_are_counted_per_method():
     linear, bitfit, full = counts("linear"), counts("bitfit"), counts("full")
     assert linear["counted_on"] == "meta"
     # no backward through the backbone: only the head's weight gradient is added
-    assert 0 < linear["train_flops_per_image"] - linear["forward_flops_per_image"] < 0.01 * linear[
-        "forward_flops_per_image"]
+    assert (
+        0
+        < linear["train_flops_per_image"] - linear["forward_flops_per_image"]
+        < 0.01 * linear["forward_flops_per_image"]
+    )
     assert 1.5 < bitfit["train_flops_per_image"] / bitfit["forward_flops_per_image"] < 2.5  # activation grads only
     assert 2.5 < full["train_flops_per_image"] / full["forward_flops_per_image"] < 3.5  # + weight grads
 
@@ -292,14 +336,13 @@ def test_depthwise_convolution_backward_is_not_counted_as_dense():
     assert count_training_flops(conv, 8, "cpu") == total_forward + 2 * depthwise + 2 * 3 * 64 * 8 * 8
 
 
+@pytest.mark.slow
 def test_records_carry_their_own_flops_and_a_known_or_unknown_peak(tmp_path, tiny_task):
     from san.efficiency import model_flop_utilisation
 
-    record = read_record(run(compose_config(tiny_overrides(tmp_path, tiny_task, "method=bitfit",
-                                                           "trainer.epochs=1"))))
+    record = read_record(run(compose_config(tiny_overrides(tmp_path, tiny_task, "method=bitfit", "trainer.epochs=1"))))
     efficiency = record["efficiency"]
     assert efficiency["train_flops_per_image"] > efficiency["forward_flops_per_image"] > 0
     assert record["cost"]["model_flop_utilisation"] is None  # a CPU has no listed peak
     assert model_flop_utilisation(1e9, 1000, "NVIDIA H100 80GB HBM3") == pytest.approx(1e12 / 989.4e12)
     assert model_flop_utilisation(1e9, 1000, "NVIDIA H100 80GB HBM3 (some new variant)") is None
-

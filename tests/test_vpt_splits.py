@@ -23,10 +23,14 @@ from san.data.vtab_folder import write_task_folder
 def _export_with_ids(root: Path, task: str, num_classes: int) -> list[str]:
     """A task folder as `san-prepare vtab` writes it, with tfds file names; returns train800 + val200's names."""
     pixel = Image.fromarray(np.zeros((2, 2, 3), dtype=np.uint8))
-    names = {"train800": [f"{task}_{i:05d}.jpg" for i in range(800)],
-             "val200": [f"{task}_{i:05d}.jpg" for i in range(5000, 5200)]}
-    splits = {split: [(pixel, i % num_classes, name) for i, name in enumerate(split_names)]
-              for split, split_names in names.items()}
+    names = {
+        "train800": [f"{task}_{i:05d}.jpg" for i in range(800)],
+        "val200": [f"{task}_{i:05d}.jpg" for i in range(5000, 5200)],
+    }
+    splits = {
+        split: [(pixel, i % num_classes, name) for i, name in enumerate(split_names)]
+        for split, split_names in names.items()
+    }
     splits["test"] = [(pixel, i % num_classes) for i in range(4)]
     write_task_folder(root, task, splits, num_classes, {"source": {"tfds_builder": f"{task}:3.0.1"}})
     return names["train800"] + names["val200"]
@@ -48,8 +52,11 @@ def test_verify_reports_how_many_images_differ(tmp_path, capsys):
     dtd = _export_with_ids(root, "dtd", 47)
     eurosat = _export_with_ids(root, "eurosat", 10)
     (root / "eurosat" / "manifest.json").unlink()  # a copy from elsewhere: no tfds names recorded
-    vpt = {"vtab-dtd": {"train": dtd[:797] + ["other_1.jpg", "other_2.jpg", "other_3.jpg"], "val": dtd[800:]},
-           "eurosat/rgb": eurosat, "sun397": ["a.jpg"]}
+    vpt = {
+        "vtab-dtd": {"train": dtd[:797] + ["other_1.jpg", "other_2.jpg", "other_3.jpg"], "val": dtd[800:]},
+        "eurosat/rgb": eurosat,
+        "sun397": ["a.jpg"],
+    }
     split_file = tmp_path / "vtab_trainval_splits.json"
     split_file.write_text(json.dumps(vpt))
     with pytest.raises(SystemExit):  # eurosat's copy has no manifest and 4 test images instead of 5,400
@@ -64,9 +71,9 @@ def test_same_images_in_another_order(tmp_path):
     from san.data.vpt_splits import compare_with_vpt
 
     names = _export_with_ids(tmp_path, "dtd", 47)
-    assert compare_with_vpt(tmp_path / "dtd", "dtd", names).endswith("0 of VPT's 1000 images differ from this "
-                                                                     "export's 1000 (train800 + val200 of "
-                                                                     "dtd:3.0.1, same order)")
+    assert compare_with_vpt(tmp_path / "dtd", "dtd", names).endswith(
+        "0 of VPT's 1000 images differ from this export's 1000 (train800 + val200 of dtd:3.0.1, same order)"
+    )
     assert compare_with_vpt(tmp_path / "dtd", "dtd", names[::-1]).endswith("another order)")
 
 

@@ -21,9 +21,9 @@ from PIL import Image
 tfds = pytest.importorskip("tensorflow_datasets")
 
 import tfds_tiny  # noqa: E402  (registers the tiny builder with tfds)
+
 from san.data.manifest import data_fingerprint  # noqa: E402
-from san.data.vtab_export import (TfdsDataError, export_task, export_vtab, has_tensorflow, resolve_source,  # noqa: E402
-                                  to_rgb)
+from san.data.vtab_export import TfdsDataError, export_task, export_vtab, has_tensorflow, resolve_source, to_rgb  # noqa: E402
 from san.data.vtab_folder import verify_task_folder  # noqa: E402
 from san.data.vtab_spec import TASKS, TfdsVersionError, choose_version  # noqa: E402
 from san.records import read_record  # noqa: E402
@@ -33,10 +33,25 @@ TINY_COUNTS = {"train800": 800, "val200": 200, "train800val200": 1000, "test": 4
 # What tensorflow-datasets 4.9.10 (requirements.lock) resolves on an empty data dir: VPT's version
 # where 4.9.10 builds it, else the version it builds (caltech101, oxford_iiit_pet, svhn, kitti).
 RESOLVED_4_9_10 = {
-    "caltech101": "3.0.2", "cifar": "3.0.2", "dtd": "3.0.1", "oxford_flowers102": "2.1.1", "oxford_iiit_pet": "4.0.0",
-    "svhn": "3.1.0", "sun397": "4.0.0", "patch_camelyon": "2.0.0", "eurosat": "2.0.0", "resisc45": "3.0.0",
-    "diabetic_retinopathy": "3.0.0", "clevr_count": "3.1.0", "clevr_dist": "3.1.0", "dmlab": "2.0.1", "kitti": "3.3.0",
-    "dsprites_loc": "2.0.0", "dsprites_ori": "2.0.0", "smallnorb_azi": "2.0.0", "smallnorb_ele": "2.0.0",
+    "caltech101": "3.0.2",
+    "cifar": "3.0.2",
+    "dtd": "3.0.1",
+    "oxford_flowers102": "2.1.1",
+    "oxford_iiit_pet": "4.0.0",
+    "svhn": "3.1.0",
+    "sun397": "4.0.0",
+    "patch_camelyon": "2.0.0",
+    "eurosat": "2.0.0",
+    "resisc45": "3.0.0",
+    "diabetic_retinopathy": "3.0.0",
+    "clevr_count": "3.1.0",
+    "clevr_dist": "3.1.0",
+    "dmlab": "2.0.1",
+    "kitti": "3.3.0",
+    "dsprites_loc": "2.0.0",
+    "dsprites_ori": "2.0.0",
+    "smallnorb_azi": "2.0.0",
+    "smallnorb_ele": "2.0.0",
 }
 
 
@@ -78,7 +93,7 @@ def test_an_unprepared_task_names_the_commands_that_prepare_it(tmp_path):
     message = str(error.value)
     assert "2 task(s) not exported" in message
     assert f"tfds build svhn_cropped:3.1.0 --data_dir {tmp_path} --file_format array_record" in message
-    assert f"NWPU-RESISC45.rar" in message and f"{tmp_path}/downloads/manual/" in message
+    assert "NWPU-RESISC45.rar" in message and f"{tmp_path}/downloads/manual/" in message
     assert "pip install tensorflow-cpu apache-beam mlcroissant" in message
     assert not (tmp_path / "out" / "svhn").exists()
 
@@ -146,8 +161,9 @@ def test_tfrecord_without_tensorflow_gives_the_conversion_command(tmp_path):
         export_task(spec, tmp_path / "out", str(data_dir), progress=False)
     message = str(error.value)
     assert "is TFRecord" in message
-    assert (f"tfds convert_format --dataset_version_dir {data_dir}/tiny_vtab/small/1.0.0 "
-            "--out_file_format array_record") in message
+    assert (
+        f"tfds convert_format --dataset_version_dir {data_dir}/tiny_vtab/small/1.0.0 --out_file_format array_record"
+    ) in message
     assert not (tmp_path / "out").exists()
 
 
@@ -159,16 +175,29 @@ def test_tfrecord_with_tensorflow_reads_like_arrayrecord(tiny_tfds, tmp_path):
     from_arrayrecord = export_task(tfds_tiny.SPEC, tmp_path / "b", str(tiny_tfds), progress=False)
     for split in ("train800", "val200", "test"):
         assert _lines(from_tfrecord, split) == _lines(from_arrayrecord, split)
-    assert (from_tfrecord / "images/test/000123.png").read_bytes() == \
-        (from_arrayrecord / "images/test/000123.png").read_bytes()
+    assert (from_tfrecord / "images/test/000123.png").read_bytes() == (
+        from_arrayrecord / "images/test/000123.png"
+    ).read_bytes()
 
 
+@pytest.mark.slow
 def test_an_export_trains_one_step(tiny_tfds, tmp_path, compose):
     folder = export_task(tfds_tiny.SPEC, tmp_path / "vtab-1k", str(tiny_tfds), progress=False)
     counts = ", ".join(f"{split}: {count}" for split, count in TINY_COUNTS.items())
-    cfg = compose(["backbone=test_vit", "method=ssf", "dataset=eurosat", f"paths.root_dir={tmp_path}",
-                   f"dataset.root={folder.parent}", f"dataset.folder={folder.name}", "dataset.num_classes=3",
-                   f"+dataset.expected_counts={{{counts}}}", "debug=fdr", "trainer.num_workers=0",
-                   "trainer.progress=false"])
+    cfg = compose(
+        [
+            "backbone=test_vit",
+            "method=ssf",
+            "dataset=eurosat",
+            f"paths.root_dir={tmp_path}",
+            f"dataset.root={folder.parent}",
+            f"dataset.folder={folder.name}",
+            "dataset.num_classes=3",
+            f"+dataset.expected_counts={{{counts}}}",
+            "debug=fdr",
+            "trainer.num_workers=0",
+            "trainer.progress=false",
+        ]
+    )
     record = read_record(run(cfg))
     assert record["status"] == "complete" and record["dataset_check"]["checked"]

@@ -28,8 +28,9 @@ def written(tmp_path: Path) -> Path:
 
 def test_png_round_trip_is_lossless(tmp_path):
     pixels = np.random.default_rng(3).integers(0, 256, (9, 11, 3), dtype=np.uint8)
-    folder = write_task_folder(tmp_path, "t", {"train800": [(Image.fromarray(pixels), 1)], "val200": [],
-                                               "test": []}, CLASSES)
+    folder = write_task_folder(
+        tmp_path, "t", {"train800": [(Image.fromarray(pixels), 1)], "val200": [], "test": []}, CLASSES
+    )
     assert np.array_equal(np.asarray(Image.open(folder / "images/train800/000000.png")), pixels)
 
 
@@ -65,8 +66,10 @@ def test_verification_names_each_bad_input(written):
     problems = _problems(written)
     assert "train800.txt: 799 lines, VTAB-1K has 800" in problems
     # train800val200 still lists the 800th train image (label 1); lines align until there
-    assert ("train800val200.txt: its labels are not those of train800 + val200 (1 more of label(s) [1] in "
-            "train800val200; first difference in list order at ") in problems
+    assert (
+        "train800val200.txt: its labels are not those of train800 + val200 (1 more of label(s) [1] in "
+        "train800val200; first difference in list order at "
+    ) in problems
     assert problems.endswith("train800val200.txt:800)") or "train800val200.txt:800)\n" in problems
 
 
@@ -108,7 +111,13 @@ def test_readers_find_a_copy_under_another_repositorys_name(tmp_path):
 
     splits = {"train800": _examples(800, 0), "val200": _examples(200, 1), "test": _examples(4, 2)}
     write_task_folder(tmp_path, "oxford_pet", splits, 37)
-    dataset = {"name": "oxford_iiit_pet", "format": "vtab_folder", "root": str(tmp_path), "folder": "oxford_iiit_pet",
-               "num_classes": 37, "splits": {"test": "test"}}
+    dataset = {
+        "name": "oxford_iiit_pet",
+        "format": "vtab_folder",
+        "root": str(tmp_path),
+        "folder": "oxford_iiit_pet",
+        "num_classes": 37,
+        "splits": {"test": "test"},
+    }
     examples = read_split(dataset, "test")
     assert len(examples) == 4 and "oxford_pet" in str(examples[0].path)

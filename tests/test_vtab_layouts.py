@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_CLASSES, tiny_overrides
 from PIL import Image
 
-from conftest import TINY_CLASSES, tiny_overrides
 from san.cli.prepare import main as prepare
 from san.data.checks import FOLDER_CHECKS
 from san.data.manifest import data_fingerprint
@@ -37,12 +37,21 @@ def _image(label: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
     return np.clip(np.asarray(pattern, dtype=np.int16) + 30 + 45 * label, 0, 255).astype(np.uint8)
 
 
-def write_noah_task(root: Path, name: str, num_classes: int = TINY_CLASSES, sizes: dict = SIZES, seed: int = 0,
-                    suffix: str = ".jpg", copy_quality: int | None = None) -> Path:
+def write_noah_task(
+    root: Path,
+    name: str,
+    num_classes: int = TINY_CLASSES,
+    sizes: dict = SIZES,
+    seed: int = 0,
+    suffix: str = ".jpg",
+    copy_quality: int | None = None,
+) -> Path:
     """A task folder exactly as NOAH's exporter writes it; `copy_quality` re-encodes train800val200 differently."""
     rng = np.random.default_rng(seed)
-    pixels = {split: [(_image(i % num_classes, rng, 8 if count > 100 else 32), i % num_classes) for i in range(count)]
-              for split, count in sizes.items()}
+    pixels = {
+        split: [(_image(i % num_classes, rng, 8 if count > 100 else 32), i % num_classes) for i in range(count)]
+        for split, count in sizes.items()
+    }
     pixels["train800val200"] = pixels["train800"] + pixels["val200"]
     task = root / name
     for split in ("train800", "val200", "test", "train800val200"):
@@ -60,8 +69,10 @@ def write_noah_task(root: Path, name: str, num_classes: int = TINY_CLASSES, size
 
 def write_suite_task(root: Path, name: str, variant: str = "png_lossless", seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
-    splits = {split: [(Image.fromarray(_image(i % TINY_CLASSES, rng)), i % TINY_CLASSES) for i in range(count)]
-              for split, count in SIZES.items()}
+    splits = {
+        split: [(Image.fromarray(_image(i % TINY_CLASSES, rng)), i % TINY_CLASSES) for i in range(count)]
+        for split, count in SIZES.items()
+    }
     return write_task_folder(root, name, splits, TINY_CLASSES, variant=variant)
 
 
@@ -122,8 +133,16 @@ def _damage_trainval_labels(task: Path) -> str:
     return r"train800val200\.txt: its labels are not those of train800 \+ val200 .*first difference .*:6\)"
 
 
-@pytest.mark.parametrize("damage", [_damage_missing_image, _damage_truncated_jpeg, _damage_label_out_of_range,
-                                    _damage_short_split, _damage_trainval_labels])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _damage_missing_image,
+        _damage_truncated_jpeg,
+        _damage_label_out_of_range,
+        _damage_short_split,
+        _damage_trainval_labels,
+    ],
+)
 def test_a_damaged_noah_folder_is_refused_naming_file_and_line(tmp_path, compose, damage):
     task = write_noah_task(tmp_path / "noah", "tiny")
     expected = damage(task)
@@ -140,7 +159,9 @@ def test_a_wrong_class_count_is_refused(tmp_path, compose):
 
 def test_train800val200_is_checked_by_content_not_by_path(tmp_path, capsys):
     noah = write_noah_task(tmp_path / "vtab-1k", "tiny", copy_quality=95)  # copies re-encoded: other bytes
-    assert (noah / "images/train800val200/000000.jpg").read_bytes() != (noah / "images/train800/000000.jpg").read_bytes()
+    assert (noah / "images/train800val200/000000.jpg").read_bytes() != (
+        noah / "images/train800/000000.jpg"
+    ).read_bytes()
     report = verify_task_folder(noah, TINY_CLASSES, decode=True, expected_counts=COUNTS)
     assert report.ok, report.problems  # same pixels within the JPEG tolerance
     assert report.variant == "external:jpeg_noah_layout"
@@ -148,8 +169,10 @@ def test_train800val200_is_checked_by_content_not_by_path(tmp_path, capsys):
     shutil.copy(noah / "images/test/000005.jpg", noah / "images/train800val200/000005.jpg")
     assert verify_task_folder(noah, TINY_CLASSES, expected_counts=COUNTS).ok  # labels alone cannot tell
     problems = verify_task_folder(noah, TINY_CLASSES, decode=True, expected_counts=COUNTS).problems
-    assert problems == [f"{noah}/train800val200.txt:6: image '{noah}/images/train800val200/000005.jpg' is none of "
-                        "the train800/val200 images with label 1 (train800val200 must be train800 + val200)"]
+    assert problems == [
+        f"{noah}/train800val200.txt:6: image '{noah}/images/train800val200/000005.jpg' is none of "
+        "the train800/val200 images with label 1 (train800val200 must be train800 + val200)"
+    ]
 
 
 def test_a_manifest_makes_runs_check_train800val200_by_content(tmp_path, compose):
@@ -170,6 +193,7 @@ def test_interleaved_train800val200_is_accepted(tmp_path):
     assert any("another order" in note for note in report.notes)
 
 
+@pytest.mark.slow
 def test_noah_layout_with_all_19_task_names_verifies_and_trains(tmp_path, compose):
     root = tmp_path / "vtab-1k"
     sizes = {"train800": 4, "val200": 2, "test": 2}
@@ -180,9 +204,19 @@ def test_noah_layout_with_all_19_task_names_verifies_and_trains(tmp_path, compos
         report = FOLDER_CHECKS["vtab_folder"](dict(cfg.dataset))
         assert report.ok, (task, report.problems)
         assert report.variant == ("external:png_noah_layout" if task == "dtd" else "external:jpeg_noah_layout")
-    cfg = compose(["backbone=test_vit", "method=linear", "dataset=smallnorb_ele", f"paths.root_dir={tmp_path}",
-                   f"paths.data_dir={tmp_path}", counts, "debug=fdr", "trainer.num_workers=0",
-                   "trainer.progress=false"])
+    cfg = compose(
+        [
+            "backbone=test_vit",
+            "method=linear",
+            "dataset=smallnorb_ele",
+            f"paths.root_dir={tmp_path}",
+            f"paths.data_dir={tmp_path}",
+            counts,
+            "debug=fdr",
+            "trainer.num_workers=0",
+            "trainer.progress=false",
+        ]
+    )
     record = read_record(run(cfg))
     assert record["status"] == "complete" and record["dataset_check"]["ok"]
 

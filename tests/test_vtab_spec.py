@@ -12,19 +12,25 @@ from san.data.vtab_spec import TASKS, as_tfds_split, resolve_slices, vtab_label
 
 # tfds split sizes of the VTAB sources (tfds catalogue), the input of the arithmetic.
 SIZES = {
-    "caltech101": {"train": 3060, "test": 6084}, "cifar": {"train": 50000, "test": 10000},
+    "caltech101": {"train": 3060, "test": 6084},
+    "cifar": {"train": 50000, "test": 10000},
     "dtd": {"train": 1880, "validation": 1880, "test": 1880},
     "oxford_flowers102": {"train": 1020, "validation": 1020, "test": 6149},
-    "oxford_iiit_pet": {"train": 3680, "test": 3669}, "svhn": {"train": 73257, "test": 26032},
+    "oxford_iiit_pet": {"train": 3680, "test": 3669},
+    "svhn": {"train": 73257, "test": 26032},
     "sun397": {"train": 76128, "validation": 10875, "test": 21750},
     "patch_camelyon": {"train": 262144, "validation": 32768, "test": 32768},
-    "eurosat": {"train": 27000}, "resisc45": {"train": 31500},
+    "eurosat": {"train": 27000},
+    "resisc45": {"train": 31500},
     "diabetic_retinopathy": {"train": 35126, "validation": 10906, "test": 42670},
-    "clevr_count": {"train": 70000, "validation": 15000}, "clevr_dist": {"train": 70000, "validation": 15000},
+    "clevr_count": {"train": 70000, "validation": 15000},
+    "clevr_dist": {"train": 70000, "validation": 15000},
     "dmlab": {"train": 65550, "validation": 22628, "test": 22735},
     "kitti": {"train": 6347, "validation": 423, "test": 711},
-    "dsprites_loc": {"train": 737280}, "dsprites_ori": {"train": 737280},
-    "smallnorb_azi": {"train": 24300, "test": 24300}, "smallnorb_ele": {"train": 24300, "test": 24300},
+    "dsprites_loc": {"train": 737280},
+    "dsprites_ori": {"train": 737280},
+    "smallnorb_azi": {"train": 24300, "test": 24300},
+    "smallnorb_ele": {"train": 24300, "test": 24300},
 }
 # (val200, test) worked out by hand: T = percent * n // 100, as the reference code floors it.
 EXPECTED = {
@@ -74,8 +80,12 @@ def test_a_slice_outside_its_split_is_a_named_error():
 
 
 def test_clevr_count_and_distance():
-    example = {"objects": {"size": [0, 1, 1, 0, 1], "pixel_coords": np.array([[1, 2, 9.2], [3, 4, 12.0],
-                                                                              [5, 6, 8.7], [0, 0, 15], [0, 0, 11]])}}
+    example = {
+        "objects": {
+            "size": [0, 1, 1, 0, 1],
+            "pixel_coords": np.array([[1, 2, 9.2], [3, 4, 12.0], [5, 6, 8.7], [0, 0, 15], [0, 0, 11]]),
+        }
+    }
     assert vtab_label("clevr_count", example) == 2  # 5 objects - 3
     assert vtab_label("clevr_dist", example) == 2  # closest depth 8.7: 8.5 < 8.7 <= 9
     example["objects"]["pixel_coords"][2, 2] = 7.9

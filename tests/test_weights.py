@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from san.backbones import WeightsUnavailableError, create_backbone
-from san.config import compose_config, config_dir
 from san.cli.weights import pinned_weights
+from san.config import compose_config, config_dir
 
 BIN = Path(sys.executable).parent
 PINNED = {  # backbone config -> hub repo of its pinned arch.tag (what `make weights` fetches)
@@ -74,14 +74,21 @@ def test_san_prepare_weights_from_a_seeded_cache_and_with_the_hub_unreachable(tm
     hf_home = tmp_path / "hf"
     snapshot = seed_hub_cache(hf_home / "hub", PINNED["vit_b16_in21k"], "model.safetensors", data)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HYDRA_FULL_ERROR"))}
-    seeded = subprocess.Popen([str(BIN / "san-prepare"), "weights", "--backbones", "vit_b16_in21k"],
-                              env={**env, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seeded = subprocess.Popen(
+        [str(BIN / "san-prepare"), "weights", "--backbones", "vit_b16_in21k"],
+        env={**env, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # Not offline, but the endpoint refuses connections: the cache is checked, nothing is there.
-    unreachable = subprocess.Popen([str(BIN / "san-prepare"), "weights"],
-                                   env={**env, "HF_HOME": str(tmp_path / "empty"),
-                                        "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"},
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    unreachable = subprocess.Popen(
+        [str(BIN / "san-prepare"), "weights"],
+        env={**env, "HF_HOME": str(tmp_path / "empty"), "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     stdout, stderr = seeded.communicate(timeout=300)
     assert seeded.returncode == 0, stderr
@@ -127,15 +134,28 @@ def test_only_tests_demo_and_bench_are_forced_offline():
     root = Path(__file__).resolve().parents[1]
 
     def dry_run(*targets: str) -> str:
-        return subprocess.run(["make", "-n", "-C", str(root), *targets], capture_output=True, text=True,
-                              check=True, env=env).stdout
+        return subprocess.run(
+            ["make", "-n", "-C", str(root), *targets], capture_output=True, text=True, check=True, env=env
+        ).stdout
 
     for target in ("vtab", "fgvc", "sweep", "weights"):
         assert "HF_HUB_OFFLINE" not in dry_run(target), target
     assert "san-prepare weights" in dry_run("weights")
     for target, command in (("test", "pytest"), ("demo", "san-sweep experiment=demo"), ("bench", "san-bench")):
         assert any(line.startswith("HF_HUB_OFFLINE=1 ") and command in line for line in dry_run(target).splitlines())
-    probe = subprocess.run(["make", "-C", str(root), "--no-print-directory", "--eval",
-                            'probe: ; @echo "$${HF_HUB_OFFLINE-unset}"', "probe"],
-                           capture_output=True, text=True, check=True, env=env).stdout
+    probe = subprocess.run(
+        [
+            "make",
+            "-C",
+            str(root),
+            "--no-print-directory",
+            "--eval",
+            'probe: ; @echo "$${HF_HUB_OFFLINE-unset}"',
+            "probe",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    ).stdout
     assert probe.strip() == "unset"  # nothing exports it to every recipe

@@ -31,27 +31,45 @@ class TinyVtab(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in SIZES]
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(4, 4, 3), encoding_format="png"),
-            "label": tfds.features.ClassLabel(num_classes=CLASSES),
-            "file_name": tfds.features.Text(),
-        }))
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(4, 4, 3), encoding_format="png"),
+                    "label": tfds.features.ClassLabel(num_classes=CLASSES),
+                    "file_name": tfds.features.Text(),
+                }
+            ),
+        )
 
     def _split_generators(self, dl_manager):
-        return {split: self._generate_examples(split, count) for split, count in SIZES[self.builder_config.name].items()}
+        return {
+            split: self._generate_examples(split, count) for split, count in SIZES[self.builder_config.name].items()
+        }
 
     def _generate_examples(self, split: str, count: int):
         rng = np.random.default_rng(len(split))
         for index in range(count):
             encoded = io.BytesIO()
             Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(encoded, format="PNG")
-            yield index, {"image": encoded.getvalue(), "label": index % CLASSES, "file_name": f"{split}_{index:04d}.png"}
+            yield (
+                index,
+                {"image": encoded.getvalue(), "label": index % CLASSES, "file_name": f"{split}_{index:04d}.png"},
+            )
 
 
 # eurosat's slices and label rule on the tiny builder.
-SPEC = dataclasses.replace(TASKS["eurosat"], name="tiny_vtab", tfds_name="tiny_vtab/vtab", reference_version="1.*.*",
-                           vpt_version="1.0.0", num_classes=CLASSES, test_count=400, id_feature="file_name",
-                           manual_download=None)
+SPEC = dataclasses.replace(
+    TASKS["eurosat"],
+    name="tiny_vtab",
+    tfds_name="tiny_vtab/vtab",
+    reference_version="1.*.*",
+    vpt_version="1.0.0",
+    num_classes=CLASSES,
+    test_count=400,
+    id_feature="file_name",
+    manual_download=None,
+)
 
 
 def prepare(data_dir: str, config: str = "vtab", file_format: str = "array_record") -> TinyVtab:

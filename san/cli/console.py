@@ -32,6 +32,7 @@ EXIT_USER_ERROR = 2
 DEBUG_FLAG = "--debug"
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
 
+
 class UserExit(SystemExit):
     """Exit status 2 once the message is printed; str() stays the message (tests match on it)."""
 
@@ -67,14 +68,17 @@ def user_message(error: BaseException, prog: str | None) -> str | None:
         if isinstance(error, MissingMandatoryValue):
             return f"{error.full_key} has no value (it is ??? in the config); set it: {command}{error.full_key}=<value>"
         if isinstance(error, InterpolationResolutionError):
-            return (f"cannot resolve {error.full_key}: {error.msg}; fix the ${{...}} reference in the config "
-                    f"or override the value: {command}{error.full_key}=<value>")
+            return (
+                f"cannot resolve {error.full_key}: {error.msg}; fix the ${{...}} reference in the config "
+                f"or override the value: {command}{error.full_key}=<value>"
+            )
     return None
 
 
 def hydra_message(error: Exception, prog: str | None) -> str:
     """One message for a Hydra composition error, with the accepted options and a command that works."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import ValidationError
 
     if isinstance(error, MissingConfigException) and error.options:
         group, _, name = (error.missing_cfg_file or "").rpartition("/")
@@ -86,22 +90,36 @@ def hydra_message(error: Exception, prog: str | None) -> str:
         return f"{message} Did you mean {close[0]!r}?" if close else message
     command = f"{prog} " if prog else ""
     if isinstance(error, OverrideParseException):
-        detail = [line for line in error.message.splitlines()
-                  if line and not line.startswith(("See ", "Error parsing override"))]
-        return (f"cannot parse the override {error.override!r} ({'; '.join(detail)}). Overrides are key=value, "
-                f"e.g. {command}optim.lr=0.01 trainer.epochs=5; quote a value that holds brackets or spaces "
-                "('key=[1,2]'). Grammar: https://hydra.cc/docs/1.3/advanced/override_grammar/basic/")
+        detail = [
+            line
+            for line in error.message.splitlines()
+            if line and not line.startswith(("See ", "Error parsing override"))
+        ]
+        return (
+            f"cannot parse the override {error.override!r} ({'; '.join(detail)}). Overrides are key=value, "
+            f"e.g. {command}optim.lr=0.01 trainer.epochs=5; quote a value that holds brackets or spaces "
+            "('key=[1,2]'). Grammar: https://hydra.cc/docs/1.3/advanced/override_grammar/basic/"
+        )
     cause = error.__cause__
-    if isinstance(error, ConfigCompositionException) and getattr(cause, "full_key", None) and getattr(
-            cause, "parent_node", None) is not None:
+    if isinstance(error, ConfigCompositionException) and isinstance(cause, ValidationError):
+        # a value of the wrong type for a typed setting (a method's dataclass field)
+        reason = str(cause.msg).splitlines()[0]
+        return f"{cause.full_key}: {reason}; `san-params method=<name> --describe` lists each setting's type"
+    if (
+        isinstance(error, ConfigCompositionException)
+        and getattr(cause, "full_key", None)
+        and getattr(cause, "parent_node", None) is not None
+    ):
         key = cause.full_key
         parent, _, leaf = key.rpartition(".")
         accepted = sorted(str(k) for k in cause.parent_node.keys())
         close = difflib.get_close_matches(leaf, accepted, n=1)
         where = f"{parent}." if parent else ""
         guess = f"; did you mean {where}{close[0]}?" if close else "."
-        return (f"the config has no setting {key!r}{guess} Accepted under {parent or 'the root'}: "
-                f"{', '.join(accepted)}. To add a new key on purpose, prefix it with '+': {command}+{key}=<value>")
+        return (
+            f"the config has no setting {key!r}{guess} Accepted under {parent or 'the root'}: "
+            f"{', '.join(accepted)}. To add a new key on purpose, prefix it with '+': {command}+{key}=<value>"
+        )
     # Other composition errors are short and say what to do; drop the search-path listing.
     return str(error).split("\nConfig search path:")[0].strip()
 
@@ -167,7 +185,7 @@ def hydra_script(prog: str, task: Callable[[Any], Any], config_name: str = "conf
     """
     import hydra
 
-    from san.config import config_dir
+    from san.config import config_dir, prepare_config_store
 
     user_setting: dict[str, str | None] = {}
 
@@ -185,6 +203,7 @@ def hydra_script(prog: str, task: Callable[[Any], Any], config_name: str = "conf
 
     @console_script(prog)
     def main(argv: list[str]) -> None:
+        prepare_config_store()
         hydra_main = hydra.main(config_path=config_dir(), config_name=config_name, version_base="1.3")(job)
         sys.argv = [sys.argv[0], *argv]  # Hydra parses sys.argv itself
         user_setting[FULL_ERROR_ENV] = os.environ.get(FULL_ERROR_ENV)

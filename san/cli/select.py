@@ -31,8 +31,10 @@ def main(argv: list[str]) -> int:
             continue
         chosen = document["chosen"]
         gaps = len(document["missing"]) + len(document["failed"]) + len(document["incomplete"])
-        print(f"{cell.label()}: {' '.join(chosen['overrides'])}  val_top1 {chosen['val_top1']:.2f}"
-              + (f"  ({gaps} grid point(s) missing/failed)" if gaps else ""))
+        print(
+            f"{cell.label()}: {' '.join(chosen['overrides'])}  val_top1 {chosen['val_top1']:.2f}"
+            + (f"  ({gaps} grid point(s) missing/failed)" if gaps else "")
+        )
     for problem in problems:
         print(f"san-select: error: {problem}", file=sys.stderr)
     print(f"selection files: {plan.sweep_dir / 'selection'}")

@@ -28,8 +28,9 @@ def main(argv: list[str]) -> int:
     options = {a for a in argv if a.startswith("--")}
     unknown = options - {"--dry-run", "--no-progress"}
     if unknown:
-        raise UserError(f"unknown option(s) {sorted(unknown)}; accepted: --dry-run, --no-progress, --debug "
-                        "(see san-sweep --help)")
+        raise UserError(
+            f"unknown option(s) {sorted(unknown)}; accepted: --dry-run, --no-progress, --debug (see san-sweep --help)"
+        )
     overrides = [a for a in argv if not a.startswith("--")]
     if "--dry-run" in options:
         counts, costs = dry_run_report(overrides)

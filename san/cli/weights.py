@@ -46,12 +46,17 @@ def pinned_weights(config_dir: str | Path) -> list[PinnedWeights]:
         pretrained_cfg = timm.models.get_pretrained_cfg(node.timm_name)
         hub_id = getattr(pretrained_cfg, "hf_hub_id", None)
         if not hub_id:
-            raise ConfigError(f"{path}: timm has no hub weights for {node.timm_name!r}; pin an arch.tag that "
-                              "timm.list_pretrained() lists, or use backbone.checkpoint_path")
+            raise ConfigError(
+                f"{path}: timm has no hub weights for {node.timm_name!r}; pin an arch.tag that "
+                "timm.list_pretrained() lists, or use backbone.checkpoint_path"
+            )
         repo_id, _, revision = hub_id.partition("@")
         own_file = getattr(pretrained_cfg, "hf_hub_filename", None)
-        pinned.append(PinnedWeights(node.name, node.timm_name, repo_id, revision or None,
-                                    (own_file,) if own_file else TIMM_HUB_FILES))
+        pinned.append(
+            PinnedWeights(
+                node.name, node.timm_name, repo_id, revision or None, (own_file,) if own_file else TIMM_HUB_FILES
+            )
+        )
     return pinned
 
 
@@ -92,15 +97,20 @@ def download(weights: PinnedWeights, cache_dir: str) -> Path:
             return Path(hf_hub_download(weights.repo_id, filename, revision=weights.revision, cache_dir=cache_dir))
         except EntryNotFoundError:  # the repo has no such file: try the next, as timm does
             continue
-    return Path(hf_hub_download(weights.repo_id, weights.filenames[-1], revision=weights.revision,
-                                cache_dir=cache_dir))
+    return Path(hf_hub_download(weights.repo_id, weights.filenames[-1], revision=weights.revision, cache_dir=cache_dir))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbones", nargs="*", default=None, metavar="NAME",
-                        help="backbone config names (default: every pretrained one in configs/backbone/)")
-    parser.add_argument("--out", default=None,
-                        help="hub cache folder to fill (default: $HF_HUB_CACHE, i.e. $HF_HOME/hub)")
+    parser.add_argument(
+        "--backbones",
+        nargs="*",
+        default=None,
+        metavar="NAME",
+        help="backbone config names (default: every pretrained one in configs/backbone/)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="hub cache folder to fill (default: $HF_HUB_CACHE, i.e. $HF_HOME/hub)"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -114,8 +124,10 @@ def run(args: argparse.Namespace) -> None:
         known = {w.backbone: w for w in pinned}
         unknown = sorted(set(args.backbones) - set(known))
         if unknown:
-            raise ConfigError(f"no pretrained hub weights to fetch for {unknown}; accepted: {sorted(known)} "
-                              "(e.g. san-prepare weights --backbones vit_b16_in21k)")
+            raise ConfigError(
+                f"no pretrained hub weights to fetch for {unknown}; accepted: {sorted(known)} "
+                "(e.g. san-prepare weights --backbones vit_b16_in21k)"
+            )
         pinned = [known[name] for name in args.backbones]
     cache = str(Path(args.out).expanduser().resolve()) if args.out else constants.HF_HUB_CACHE
     unreachable = hub_unreachable()
@@ -133,8 +145,11 @@ def run(args: argparse.Namespace) -> None:
             problems.append(problem)
             print(f"MISSING {weights.backbone:22} {weights.repo_id}", flush=True)
             continue
-        print(f"OK      {weights.backbone:22} {weights.repo_id}/{path.name}  {path.stat().st_size / 2**20:,.1f} MiB  "
-              f"sha256 {file_sha256(path)}  {path}", flush=True)
+        print(
+            f"OK      {weights.backbone:22} {weights.repo_id}/{path.name}  {path.stat().st_size / 2**20:,.1f} MiB  "
+            f"sha256 {file_sha256(path)}  {path}",
+            flush=True,
+        )
     print(f"hub cache: {cache}")
     if problems:
         listed = "\n  ".join(problems)
@@ -143,6 +158,9 @@ def run(args: argparse.Namespace) -> None:
             f"{f' ({unreachable})' if unreachable else ''}:\n  {listed}\n"
             "Run `make weights` (san-prepare weights) on a machine that reaches the hub, without "
             "HF_HUB_OFFLINE=1 (behind a proxy: set HTTPS_PROXY), then copy its hub cache here and set "
-            "HF_HUB_CACHE to the copy.")
-    print(f"to use it on another machine: copy {cache} there and set HF_HUB_CACHE=<the copy> "
-          "(HF_HUB_OFFLINE=1 works then)")
+            "HF_HUB_CACHE to the copy."
+        )
+    print(
+        f"to use it on another machine: copy {cache} there and set HF_HUB_CACHE=<the copy> "
+        "(HF_HUB_OFFLINE=1 works then)"
+    )

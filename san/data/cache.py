@@ -36,18 +36,22 @@ import torch
 import torchvision
 from tqdm.auto import tqdm
 
+from san.atomic import atomic_write_bytes
 from san.data.images import load_rgb
 from san.data.splits import Example
 from san.locks import file_lock
-from san.records import atomic_write_bytes
 
 CACHE_FORMAT = 2
 
 
 def cache_key(examples: Sequence[Example], transform_spec: Mapping[str, Any]) -> str:
-    identity = {"format": CACHE_FORMAT, "transform": dict(transform_spec),
-                # the decoder and the resize kernels: a new release may change pixels
-                "pillow": PIL.__version__, "torchvision": torchvision.__version__}
+    identity = {
+        "format": CACHE_FORMAT,
+        "transform": dict(transform_spec),
+        # the decoder and the resize kernels: a new release may change pixels
+        "pillow": PIL.__version__,
+        "torchvision": torchvision.__version__,
+    }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     for example in examples:
         stat = Path(example.path).stat()
@@ -55,12 +59,16 @@ def cache_key(examples: Sequence[Example], transform_spec: Mapping[str, Any]) ->
     return digest.hexdigest()[:20]
 
 
-def _decode_into(examples: Sequence[Example], transform: Callable, target_for_shape: Callable[[tuple], Any],
-                 progress: bool, description: str):
+def _decode_into(
+    examples: Sequence[Example],
+    transform: Callable,
+    target_for_shape: Callable[[tuple], Any],
+    progress: bool,
+    description: str,
+):
     """Decode every example into the array `target_for_shape(shape)` returns, one image at a time."""
     target = None
-    for index, example in enumerate(tqdm(examples, desc=description, disable=None if progress else True,
-                                         leave=False)):
+    for index, example in enumerate(tqdm(examples, desc=description, disable=None if progress else True, leave=False)):
         image = transform(load_rgb(example))
         if target is None:
             target = target_for_shape((len(examples), *image.shape))
@@ -68,11 +76,13 @@ def _decode_into(examples: Sequence[Example], transform: Callable, target_for_sh
     return target
 
 
-def decode_split(examples: Sequence[Example], transform: Callable, progress: bool = True,
-                 description: str = "decoding") -> tuple[torch.Tensor, torch.Tensor]:
+def decode_split(
+    examples: Sequence[Example], transform: Callable, progress: bool = True, description: str = "decoding"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The split in memory (one preallocated tensor, no list of images to stack)."""
-    images = _decode_into(examples, transform, lambda shape: torch.empty(shape, dtype=torch.uint8), progress,
-                          description)
+    images = _decode_into(
+        examples, transform, lambda shape: torch.empty(shape, dtype=torch.uint8), progress, description
+    )
     return images, torch.tensor([e.label for e in examples], dtype=torch.long)
 
 
@@ -89,8 +99,14 @@ def _read(data_path: Path, header_path: Path) -> tuple[torch.Tensor, torch.Tenso
     return images, torch.tensor(header["labels"], dtype=torch.long)
 
 
-def cached_split(examples: Sequence[Example], transform: Callable, transform_spec: Mapping[str, Any],
-                 cache_dir: Path, name: str, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, Path]:
+def cached_split(
+    examples: Sequence[Example],
+    transform: Callable,
+    transform_spec: Mapping[str, Any],
+    cache_dir: Path,
+    name: str,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, Path]:
     """(images uint8 NCHW, memory-mapped; labels; the cache's data file), built when missing."""
     stem = f"{name}-{cache_key(examples, transform_spec)}"
     cache_dir = Path(cache_dir)
@@ -105,9 +121,12 @@ def cached_split(examples: Sequence[Example], transform: Callable, transform_spe
         partial = cache_dir / f".{stem}.u8.partial"
         try:
             images = _decode_into(
-                examples, transform,
+                examples,
+                transform,
                 lambda shape: np.memmap(partial, mode="w+", dtype=np.uint8, shape=shape),
-                progress, f"caching {name}")
+                progress,
+                f"caching {name}",
+            )
             images.flush()
             shape = list(images.shape)
             del images
@@ -118,8 +137,12 @@ def cached_split(examples: Sequence[Example], transform: Callable, transform_spe
             partial.unlink(missing_ok=True)
             raise
         # The header goes last: a data file without one is never read.
-        header = {"format": CACHE_FORMAT, "shape": shape, "labels": [e.label for e in examples],
-                  "transform": dict(transform_spec)}
+        header = {
+            "format": CACHE_FORMAT,
+            "shape": shape,
+            "labels": [e.label for e in examples],
+            "transform": dict(transform_spec),
+        }
         atomic_write_bytes(header_path, json.dumps(header).encode())
     found = _read(data_path, header_path)
     assert found is not None
@@ -137,8 +160,9 @@ class _Sized:
 class TensorLoader:
     """Batches of a split held as one tensor; the DataLoader interface the trainer uses."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
-                 cache_file: Path | None = None):
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, cache_file: Path | None = None
+    ):
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle = batch_size, shuffle
         self.generator = torch.Generator()
@@ -167,7 +191,7 @@ class TensorLoader:
             order = torch.randperm(count, generator=self.generator).to(self.labels.device)
         for start in range(0, count, self.batch_size):
             if order is None:
-                yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
+                yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
             else:
-                index = order[start:start + self.batch_size]
+                index = order[start : start + self.batch_size]
                 yield self.images[index], self.labels[index]

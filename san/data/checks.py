@@ -16,8 +16,9 @@ def _check_vtab_folder(dataset: Mapping[str, Any]) -> VerifyReport:
 
 
 def _check_fgvc_json(dataset: Mapping[str, Any]) -> VerifyReport:
-    return verify_fgvc_folder(task_dir(dataset), dataset["num_classes"], dataset.get("expected_counts"),
-                              dataset.get("image_root") or "")
+    return verify_fgvc_folder(
+        task_dir(dataset), dataset["num_classes"], dataset.get("expected_counts"), dataset.get("image_root") or ""
+    )
 
 
 FOLDER_CHECKS: dict[str, Callable[[Mapping[str, Any]], VerifyReport]] = {

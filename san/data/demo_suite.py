@@ -73,7 +73,7 @@ def _object_count(rng: np.random.Generator) -> tuple[Image.Image, int]:
     centres: list[tuple[float, float]] = []
     while len(centres) < count:
         x, y = rng.uniform(6, IMAGE_SIZE - 6, size=2)
-        if all((x - a) ** 2 + (y - b) ** 2 > 12 ** 2 for a, b in centres):
+        if all((x - a) ** 2 + (y - b) ** 2 > 12**2 for a, b in centres):
             centres.append((float(x), float(y)))
     for x, y in centres:
         radius = float(rng.uniform(3, 5))

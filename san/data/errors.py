@@ -27,6 +27,7 @@ class ClassCountMismatchError(DatasetError):
 @dataclass
 class VerifyReport:
     """Every problem a verifier found (not just the first); notes are facts that are not errors."""
+
     name: str  # the canonical task or dataset name (aliases resolved)
     folder: Path
     problems: list[str] = field(default_factory=list)

@@ -60,24 +60,60 @@ class FgvcSpec:
         return {"train": self.official_counts["train"] - val, "val": val, "test": self.official_counts["test"]}
 
 
-SPECS: dict[str, FgvcSpec] = {spec.name: spec for spec in [
-    FgvcSpec("cub", "cub", 200, "images", "cub_txt", ("CUB_200_2011.tgz",), {"train": 5994, "test": 5794}, False),
-    FgvcSpec("nabirds", "nabirds", 555, "images", "cub_txt", ("nabirds.tar.gz",),
-             {"train": 23929, "test": 24633}, False),
-    FgvcSpec("oxford_flowers", "flowers", 102, "", "flowers_mat", ("102flowers.tgz", "imagelabels.mat", "setid.mat"),
-             {"train": 1020, "val": 1020, "test": 6149}, True),
-    FgvcSpec("stanford_dogs", "dogs", 120, "Images", "dogs_mat", ("images.tar", "lists.tar"),
-             {"train": 12000, "test": 8580}, False),
-    FgvcSpec("stanford_cars", "cars", 196, "", "cars_mat",
-             ("cars_train.tgz", "cars_test.tgz", "car_devkit.tgz", "cars_test_annos_withlabels.mat"),
-             {"train": 8144, "test": 8041}, False),
-]}
+SPECS: dict[str, FgvcSpec] = {
+    spec.name: spec
+    for spec in [
+        FgvcSpec("cub", "cub", 200, "images", "cub_txt", ("CUB_200_2011.tgz",), {"train": 5994, "test": 5794}, False),
+        FgvcSpec(
+            "nabirds", "nabirds", 555, "images", "cub_txt", ("nabirds.tar.gz",), {"train": 23929, "test": 24633}, False
+        ),
+        FgvcSpec(
+            "oxford_flowers",
+            "flowers",
+            102,
+            "",
+            "flowers_mat",
+            ("102flowers.tgz", "imagelabels.mat", "setid.mat"),
+            {"train": 1020, "val": 1020, "test": 6149},
+            True,
+        ),
+        FgvcSpec(
+            "stanford_dogs",
+            "dogs",
+            120,
+            "Images",
+            "dogs_mat",
+            ("images.tar", "lists.tar"),
+            {"train": 12000, "test": 8580},
+            False,
+        ),
+        FgvcSpec(
+            "stanford_cars",
+            "cars",
+            196,
+            "",
+            "cars_mat",
+            ("cars_train.tgz", "cars_test.tgz", "car_devkit.tgz", "cars_test_annos_withlabels.mat"),
+            {"train": 8144, "test": 8041},
+            False,
+        ),
+    ]
+}
 
 # Folder names other repositories use for the same datasets.
-ALIASES = {"CUB_200_2011": "cub", "CUB": "cub", "NABirds": "nabirds",
-           "OxfordFlowers": "oxford_flowers", "flowers": "oxford_flowers", "StanfordDogs": "stanford_dogs",
-           "Stanford-dogs": "stanford_dogs", "dogs": "stanford_dogs", "StanfordCars": "stanford_cars",
-           "Stanford-cars": "stanford_cars", "cars": "stanford_cars"}
+ALIASES = {
+    "CUB_200_2011": "cub",
+    "CUB": "cub",
+    "NABirds": "nabirds",
+    "OxfordFlowers": "oxford_flowers",
+    "flowers": "oxford_flowers",
+    "StanfordDogs": "stanford_dogs",
+    "Stanford-dogs": "stanford_dogs",
+    "dogs": "stanford_dogs",
+    "StanfordCars": "stanford_cars",
+    "Stanford-cars": "stanford_cars",
+    "cars": "stanford_cars",
+}
 
 
 def spec_for(name: str) -> FgvcSpec:
@@ -101,8 +137,9 @@ def _find(roots: list[Path], name: str, want_dir: bool = False) -> Path | None:
     for root in roots:
         for depth in range(4):
             for candidate in sorted(root.glob("/".join(["*"] * depth + [name]))):
-                if candidate.is_dir() == want_dir and not any(part.startswith(".") for part in
-                                                              candidate.relative_to(root).parts[:-1]):
+                if candidate.is_dir() == want_dir and not any(
+                    part.startswith(".") for part in candidate.relative_to(root).parts[:-1]
+                ):
                     return candidate
     return None
 
@@ -111,8 +148,10 @@ def _require(roots: list[Path], spec: FgvcSpec, name: str, want_dir: bool = Fals
     path = (beside / name) if beside is not None else _find(roots, name, want_dir)
     if path is None or not path.exists():
         where = str(beside) if beside is not None else " or ".join(str(root) for root in roots)
-        raise SourceError(f"{spec.short}: {name}{'/' if want_dir else ''} not found in {where}; the official "
-                          f"release files are {', '.join(spec.official_files)} (README, section 'Data')")
+        raise SourceError(
+            f"{spec.short}: {name}{'/' if want_dir else ''} not found in {where}; the official "
+            f"release files are {', '.join(spec.official_files)} (README, section 'Data')"
+        )
     return path
 
 
@@ -150,6 +189,7 @@ def read_cub_txt(roots: list[Path], spec: FgvcSpec) -> SourceListing:
 
 def _load_mat(path: Path) -> dict:
     from scipy.io import loadmat
+
     try:
         return loadmat(path)
     except Exception as error:  # scipy raises several types for a damaged or foreign file
@@ -212,8 +252,10 @@ def read_cars_mat(roots: list[Path], spec: FgvcSpec) -> SourceListing:
         path = _require(roots, spec, annos_name)
         annotations = _mat_field(_load_mat(path), "annotations", path).ravel()
         if annotations.dtype.names is None or not {"class", "fname"} <= set(annotations.dtype.names):
-            raise SourceError(f"{path}: 'annotations' has no class/fname fields (the devkit's "
-                              f"cars_test_annos.mat has no labels; cars_test_annos_withlabels.mat does)")
+            raise SourceError(
+                f"{path}: 'annotations' has no class/fname fields (the devkit's "
+                f"cars_test_annos.mat has no labels; cars_test_annos_withlabels.mat does)"
+            )
         folder = f"cars_{split}"
         image_dirs[folder] = _require(roots, spec, folder, want_dir=True)
         splits[split] = [(f"{folder}/{_scalar(row['fname'])}", int(_scalar(row["class"]))) for row in annotations]

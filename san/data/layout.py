@@ -21,8 +21,10 @@ def relative_paths(list_text: str) -> list[str]:
 
 def _noah_names(split: str, paths: Sequence[str]) -> bool:
     """NOAH's exporter names the i-th line's image `images/<split>/<i:06d>.jpg`."""
-    return all(PurePosixPath(path).parent == PurePosixPath("images", split) and PurePosixPath(path).stem == f"{i:06d}"
-               for i, path in enumerate(paths))
+    return all(
+        PurePosixPath(path).parent == PurePosixPath("images", split) and PurePosixPath(path).stem == f"{i:06d}"
+        for i, path in enumerate(paths)
+    )
 
 
 def detect_layout(paths: Mapping[str, Sequence[str]]) -> str:

@@ -10,8 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from san.data.cache import TensorLoader, cached_split
-from san.data.images import ImageListDataset, build_transform, is_deterministic
+from san.data.preprocessing import Preprocessing
 from san.data.splits import read_split
+from san.data.transforms import ImageListDataset, build_transform, is_deterministic
 
 
 def resolve_num_workers(setting: int | str) -> int:
@@ -24,20 +25,34 @@ def resolve_num_workers(setting: int | str) -> int:
     return int(setting)
 
 
-def build_loader(dataset: Mapping[str, Any], role: str, data_config: Any, *, train: bool,
-                 batch_size: int, num_workers: int | str, cache_dir: str | Path | None = None,
-                 progress: bool = True, pin_memory: bool = False) -> DataLoader | TensorLoader:
-    """A loader for a split role. `data_config` carries the backbone's preprocessing as plain
-    values (input_size, interpolation), passed in by the caller: the data layer knows no
-    models. With `cache_dir`, a split whose transform is deterministic (VTAB's resize; any evaluation transform) is decoded once and served
+def build_loader(
+    dataset: Mapping[str, Any],
+    role: str,
+    preprocessing: Preprocessing,
+    *,
+    train: bool,
+    batch_size: int,
+    num_workers: int | str,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    pin_memory: bool = False,
+) -> DataLoader | TensorLoader:
+    """A loader for a split role. `preprocessing` is the backbone's, as plain values passed in
+    by the caller: the data layer knows no models. With `cache_dir`, a split whose transform
+    is deterministic (VTAB's resize; any evaluation transform) is decoded once and served
     from a tensor; random augmentation (FGVC training) keeps the DataLoader path."""
     examples = read_split(dataset, role)
-    transform = build_transform(dataset["transform"], data_config.input_size, data_config.interpolation, train)
+    transform = build_transform(dataset["transform"], preprocessing.input_size, preprocessing.interpolation, train)
     if cache_dir is not None and is_deterministic(dataset["transform"], train):
-        spec = {"name": dataset["transform"], "size": data_config.input_size,
-                "interpolation": data_config.interpolation, "train": train}
-        images, labels, path = cached_split(examples, transform, spec, Path(cache_dir),
-                                            f"{dataset['name']}-{role}", progress)
+        spec = {
+            "name": dataset["transform"],
+            "size": preprocessing.input_size,
+            "interpolation": preprocessing.interpolation,
+            "train": train,
+        }
+        images, labels, path = cached_split(
+            examples, transform, spec, Path(cache_dir), f"{dataset['name']}-{role}", progress
+        )
         return TensorLoader(images, labels, batch_size, shuffle=train, cache_file=path)
     workers = resolve_num_workers(num_workers)
     return DataLoader(

@@ -44,23 +44,37 @@ def data_fingerprint(task_folder: str | Path) -> dict[str, Any]:
     folder = Path(task_folder)
     manifest = read_manifest(folder)
     fgvc = (folder / "train.json").is_file()
-    names = {split: folder / f"{split}.json" for split in FGVC_SPLIT_FILES} if fgvc else \
-        {split: folder / f"{split}.txt" for split in LIST_NAMES}
+    names = (
+        {split: folder / f"{split}.json" for split in FGVC_SPLIT_FILES}
+        if fgvc
+        else {split: folder / f"{split}.txt" for split in LIST_NAMES}
+    )
     data = {split: path.read_bytes() for split, path in names.items() if path.is_file()}
     if fgvc:  # FGVC folders come from the official releases, built here (manifest) or elsewhere
         variant = (manifest or {}).get("data_variant", "fgvc_official_build") if manifest else "external:fgvc_json"
     elif manifest is not None:
         variant = manifest_variant(manifest)
     else:
-        variant = "external:" + detect_layout({split: relative_paths(text.decode(errors="replace"))
-                                               for split, text in data.items()})
+        variant = "external:" + detect_layout(
+            {split: relative_paths(text.decode(errors="replace")) for split, text in data.items()}
+        )
     builder = (manifest or {}).get("source", {}).get("tfds_builder")
-    return {"variant": variant, "lists_sha256": {split: hashlib.sha256(text).hexdigest() for split, text in data.items()},
-            "tfds_builder": builder}
+    return {
+        "variant": variant,
+        "lists_sha256": {split: hashlib.sha256(text).hexdigest() for split, text in data.items()},
+        "tfds_builder": builder,
+    }
 
 
-def manifest_problems(manifest: Mapping, manifest_path: Path, sizes: Mapping[str, int], split_file: Callable[[str], Path],
-                      hashes_key: str, num_classes: int, unit: str) -> list[str]:
+def manifest_problems(
+    manifest: Mapping,
+    manifest_path: Path,
+    sizes: Mapping[str, int],
+    split_file: Callable[[str], Path],
+    hashes_key: str,
+    num_classes: int,
+    unit: str,
+) -> list[str]:
     """Split sizes, split-file hashes (under `hashes_key`) and the class count, each against the manifest."""
     problems = []
     for split, count in manifest.get("counts", {}).items():

@@ -14,8 +14,18 @@ from san.data.errors import ClassCountMismatchError, DatasetError, LabelRangeErr
 from san.data.fgvc_sources import ALIASES as FGVC_ALIASES
 from san.data.vtab_spec import ALIASES as VTAB_ALIASES
 
-__all__ = ["ClassCountMismatchError", "DatasetError", "LabelRangeError", "MissingDatasetError", "Example",
-           "read_split", "task_dir", "list_lines", "parse_list_line", "load_split_table"]
+__all__ = [
+    "ClassCountMismatchError",
+    "DatasetError",
+    "LabelRangeError",
+    "MissingDatasetError",
+    "Example",
+    "read_split",
+    "task_dir",
+    "list_lines",
+    "parse_list_line",
+    "load_split_table",
+]
 
 # Other repositories' folder names, per folder format (a VTAB "oxford_flowers" is not the FGVC one).
 FOLDER_ALIASES = {"vtab_folder": VTAB_ALIASES, "fgvc_json": FGVC_ALIASES}
@@ -33,7 +43,9 @@ def task_dir(dataset: Mapping[str, Any]) -> Path:
     directory = Path(dataset["root"]) / dataset["folder"]
     if not directory.is_dir():
         aliases = FOLDER_ALIASES.get(dataset.get("format"), {})
-        aliased = [Path(dataset["root"]) / alias for alias, name in sorted(aliases.items()) if name == dataset["folder"]]
+        aliased = [
+            Path(dataset["root"]) / alias for alias, name in sorted(aliases.items()) if name == dataset["folder"]
+        ]
         directory = next((path for path in aliased if path.is_dir()), directory)
     if not directory.is_dir():
         prepare = dataset.get("prepare_command") or "see the README's 'Data' section"
@@ -86,8 +98,9 @@ def load_split_table(path: Path) -> dict[str, int]:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path}: not valid json ({error})") from error
     if not isinstance(table, dict):
-        raise DatasetError(f"{path}: expected a json object mapping image paths to class ids, "
-                           f"got a {type(table).__name__}")
+        raise DatasetError(
+            f"{path}: expected a json object mapping image paths to class ids, got a {type(table).__name__}"
+        )
     for number, (key, label) in enumerate(table.items(), start=1):
         if isinstance(label, bool) or not isinstance(label, int):
             raise DatasetError(f"{path}:entry {number}: class id of {key!r} is {label!r}, not an integer")
@@ -124,7 +137,7 @@ def read_fgvc_json(dataset: Mapping[str, Any], split: str) -> list[Example]:
     """
     directory = task_dir(dataset)
     split_files = {name: directory / f"{name}.json" for name in dataset["split_files"]}
-    for name, path in split_files.items():
+    for path in split_files.values():
         if not path.is_file():
             raise MissingDatasetError(f"dataset {dataset['name']!r}: split file {str(path)!r} is missing")
     if split not in split_files:

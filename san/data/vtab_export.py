@@ -32,15 +32,15 @@ from tqdm.auto import tqdm
 from san.data.errors import DatasetError
 from san.data.manifest import JPEG_NOAH, PNG_LOSSLESS
 from san.data.vtab_folder import write_task_folder
-from san.data.vtab_spec import (TASKS, VPT_TFDS, TaskSpec, as_tfds_split, choose_version, resolve_slices,
-                                vtab_label)
+from san.data.vtab_spec import TASKS, VPT_TFDS, TaskSpec, as_tfds_split, choose_version, resolve_slices, vtab_label
 
 FORMATS = {"png": PNG_LOSSLESS, "jpeg": JPEG_NOAH}  # --format -> the manifest's data_variant
 # tfds 4.9.10 generates most VTAB sources through TensorFlow, and its `tfds` command imports apache-beam and
 # mlcroissant at start-up (checked: without them `tfds build --help` fails). Any environment will do; a
 # separate one leaves this suite's lock untouched.
-TFDS_CLI_INSTALL = ("pip install tensorflow-cpu apache-beam mlcroissant 'tensorflow-datasets==4.9.10'  "
-                    "# once, for the `tfds` command")
+TFDS_CLI_INSTALL = (
+    "pip install tensorflow-cpu apache-beam mlcroissant 'tensorflow-datasets==4.9.10'  # once, for the `tfds` command"
+)
 _VERSION_DIR = re.compile(r"^\d+\.\d+\.\d+$")
 
 
@@ -52,8 +52,10 @@ def _tfds():
     try:
         import tensorflow_datasets as tfds
     except ImportError:
-        raise TfdsDataError("san-prepare vtab needs tensorflow-datasets: pip install 'san-peft-bench[tfds]' "
-                            "(or `make install`, which installs the pinned tensorflow-datasets 4.9.10)") from None
+        raise TfdsDataError(
+            "san-prepare vtab needs tensorflow-datasets: pip install 'san-peft-bench[tfds]' "
+            "(or `make install`, which installs the pinned tensorflow-datasets 4.9.10)"
+        ) from None
     return tfds
 
 
@@ -85,13 +87,21 @@ def tfds_versions(spec: TaskSpec, data_dir: str | None) -> tuple[list[str], list
     try:
         code = tfds.builder(spec.tfds_name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as error:
-        raise TfdsDataError(f"{spec.name}: tensorflow-datasets {tfds.__version__} has no dataset "
-                            f"{spec.tfds_name!r} ({error}); install the pinned tensorflow-datasets==4.9.10") from None
+        raise TfdsDataError(
+            f"{spec.name}: tensorflow-datasets {tfds.__version__} has no dataset "
+            f"{spec.tfds_name!r} ({error}); install the pinned tensorflow-datasets==4.9.10"
+        ) from None
     buildable = list(dict.fromkeys([str(code.canonical_version), str(max(code.versions))]))
     versions_dir = Path(code.data_dir).parent  # <data_dir>/<name>[/<config>]/<version>
-    prepared = sorted(path.name for path in versions_dir.iterdir()
-                      if _VERSION_DIR.match(path.name) and (path / "dataset_info.json").is_file()) \
-        if versions_dir.is_dir() else []
+    prepared = (
+        sorted(
+            path.name
+            for path in versions_dir.iterdir()
+            if _VERSION_DIR.match(path.name) and (path / "dataset_info.json").is_file()
+        )
+        if versions_dir.is_dir()
+        else []
+    )
     return buildable, prepared
 
 
@@ -109,12 +119,16 @@ def build_command(spec: TaskSpec, version: str, data_dir: str | None) -> str:
 
 
 def convert_command(version_dir: str) -> str:
-    return f"{TFDS_CLI_INSTALL}\n    tfds convert_format --dataset_version_dir {version_dir} --out_file_format array_record"
+    return (
+        f"{TFDS_CLI_INSTALL}\n    tfds convert_format --dataset_version_dir {version_dir} "
+        "--out_file_format array_record"
+    )
 
 
 @dataclass
 class TfdsSource:
     """One task's tfds builder at the resolved version."""
+
     spec: TaskSpec
     version: str
     reason: str
@@ -134,10 +148,11 @@ class TfdsSource:
                 f"{self.spec.name}: {self.name} is not prepared in {self.data_dir or default_tfds_dir()} "
                 f"(version chosen: {self.reason}). Prepare it with:\n    "
                 f"{build_command(self.spec, self.version, self.data_dir)}\n"
-                f"then run san-prepare vtab again.")
+                f"then run san-prepare vtab again."
+            )
 
     def file_format(self) -> str:
-        """"random_access" (ArrayRecord or Parquet: tfds.data_source) or "tfrecord" (tf.data only)."""
+        """ "random_access" (ArrayRecord or Parquet: tfds.data_source) or "tfrecord" (tf.data only)."""
         tfds = _tfds()
         formats = set(self.builder.info.available_file_formats())
         if formats & tfds.core.FileFormat.with_random_access():
@@ -150,10 +165,13 @@ class TfdsSource:
                 "which tensorflow-datasets 4.9.10 reads only through TensorFlow; san-prepare reads ArrayRecord "
                 f"without it. Convert the files in place:\n    "
                 f"{convert_command(self.builder.data_dir)}\n"
-                "or install TensorFlow here (pip install tensorflow-cpu) and run san-prepare vtab again.")
-        raise TfdsDataError(f"{self.spec.name}: {self.name} in {self.builder.data_dir} has file format(s) "
-                            f"{sorted(f.value for f in formats) or 'none recorded'}, none of which can be read here; "
-                            f"prepare it again as ArrayRecord:\n    {build_command(self.spec, self.version, self.data_dir)}")
+                "or install TensorFlow here (pip install tensorflow-cpu) and run san-prepare vtab again."
+            )
+        raise TfdsDataError(
+            f"{self.spec.name}: {self.name} in {self.builder.data_dir} has file format(s) "
+            f"{sorted(f.value for f in formats) or 'none recorded'}, none of which can be read here; "
+            f"prepare it again as ArrayRecord:\n    {build_command(self.spec, self.version, self.data_dir)}"
+        )
 
     def examples(self, split: str, progress: bool = True) -> Iterator[Mapping[str, Any]]:
         """The examples of a tfds split string (e.g. "train[0:800]") in tfds's order, as numpy dicts."""
@@ -162,8 +180,11 @@ class TfdsSource:
             records = self.builder.as_data_source(split=split)
         else:
             # One file at a time (interleave_cycle_length=1): the order of tfds.data_source.
-            records = tfds.as_numpy(self.builder.as_dataset(
-                split=split, shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1)))
+            records = tfds.as_numpy(
+                self.builder.as_dataset(
+                    split=split, shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1)
+                )
+            )
         yield from tqdm(records, desc=f"{self.spec.name} {split}", disable=None if progress else True, leave=False)
 
 
@@ -188,8 +209,14 @@ def _items(source: TfdsSource, split: str, progress: bool) -> Iterator[tuple[Ima
         yield to_rgb(example["image"], source.spec), vtab_label(source.spec, example), _source_id(example, source.spec)
 
 
-def export_task(task: str | TaskSpec, out_root: str | Path, data_dir: str | None = None, image_format: str = "png",
-                version: str | None = None, progress: bool = True) -> Path:
+def export_task(
+    task: str | TaskSpec,
+    out_root: str | Path,
+    data_dir: str | None = None,
+    image_format: str = "png",
+    version: str | None = None,
+    progress: bool = True,
+) -> Path:
     """Export one task (a name of TASKS, or a TaskSpec for another tfds dataset laid out the same way)."""
     spec = task if isinstance(task, TaskSpec) else TASKS.get(task)
     if spec is None:
@@ -206,18 +233,29 @@ def _export(source: TfdsSource, out_root: str | Path, image_format: str, progres
     slices = resolve_slices(spec, source.split_sizes())
     splits = {role: _items(source, as_tfds_split(piece), progress) for role, piece in slices.items()}
     provenance: dict[str, Any] = {
-        "tfds_builder": source.name, "tfds_version_reason": source.reason, "vpt_version": spec.vpt_version,
+        "tfds_builder": source.name,
+        "tfds_version_reason": source.reason,
+        "vpt_version": spec.vpt_version,
         "vpt_tensorflow_datasets": VPT_TFDS,
-        "reference_version": spec.reference_version, "slices": {r: as_tfds_split(p) for r, p in slices.items()},
-        "split_sizes": source.split_sizes(), "label_rule": spec.label, "tensorflow_datasets": _tfds().__version__,
+        "reference_version": spec.reference_version,
+        "slices": {r: as_tfds_split(p) for r, p in slices.items()},
+        "split_sizes": source.split_sizes(),
+        "label_rule": spec.label,
+        "tensorflow_datasets": _tfds().__version__,
     }
-    return write_task_folder(Path(out_root), spec.name, splits, spec.num_classes, {"source": provenance},
-                             variant=FORMATS[image_format])
+    return write_task_folder(
+        Path(out_root), spec.name, splits, spec.num_classes, {"source": provenance}, variant=FORMATS[image_format]
+    )
 
 
-def export_vtab(out_root: str | Path, tasks: list[str] | None = None, data_dir: str | None = None,
-                image_format: str = "png", versions: Mapping[str, str] | None = None,
-                progress: bool = True) -> list[Path]:
+def export_vtab(
+    out_root: str | Path,
+    tasks: list[str] | None = None,
+    data_dir: str | None = None,
+    image_format: str = "png",
+    versions: Mapping[str, str] | None = None,
+    progress: bool = True,
+) -> list[Path]:
     """Every task (or `tasks`); a task whose folder is already complete is skipped (resume).
 
     A task whose tfds data is missing or unreadable is passed over and reported at the end with
@@ -232,7 +270,9 @@ def export_vtab(out_root: str | Path, tasks: list[str] | None = None, data_dir: 
         final = Path(out_root) / task
         if (final / "manifest.json").is_file():
             variant = json.loads((final / "manifest.json").read_text()).get("data_variant")
-            other = f" as {variant}, not {FORMATS[image_format]}" if variant and variant != FORMATS[image_format] else ""
+            other = (
+                f" as {variant}, not {FORMATS[image_format]}" if variant and variant != FORMATS[image_format] else ""
+            )
             print(f"{task}: already exported{other} ({final}); delete it to export again, or use another --out")
             written.append(final)
             continue

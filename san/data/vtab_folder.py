@@ -47,16 +47,18 @@ THUMBNAIL_TOLERANCE = 4.0
 MAX_LISTED = 5  # unmatched train800val200 lines named one by one; the rest are counted
 
 
-class VerificationError(DatasetError):
-    pass
-
-
 def canonical_task_name(folder_name: str) -> str:
     return ALIASES.get(folder_name, folder_name)
 
 
-def write_task_folder(out_root: Path, name: str, splits: dict[str, Iterable[tuple]], num_classes: int,
-                      extra: dict | None = None, variant: str = PNG_LOSSLESS) -> Path:
+def write_task_folder(
+    out_root: Path,
+    name: str,
+    splits: dict[str, Iterable[tuple]],
+    num_classes: int,
+    extra: dict | None = None,
+    variant: str = PNG_LOSSLESS,
+) -> Path:
     """Write `<out_root>/<name>` from {"train800", "val200", "test"} -> (image, label[, source id]) items.
 
     Source ids (a tfds file name) are kept in the manifest for train800 and val200, so an export can
@@ -99,7 +101,10 @@ def write_task_folder(out_root: Path, name: str, splits: dict[str, Iterable[tupl
     for split in LIST_NAMES:
         (staging / f"{split}.txt").write_text("\n".join(lines[split]) + "\n")
     manifest = {
-        "task": name, "num_classes": num_classes, "data_variant": variant, "format": suffix.lstrip("."),
+        "task": name,
+        "num_classes": num_classes,
+        "data_variant": variant,
+        "format": suffix.lstrip("."),
         "counts": {split: len(lines[split]) for split in LIST_NAMES},
         "class_histogram": histograms,
         "lists_sha256": {split: sha256_file(staging / f"{split}.txt") for split in LIST_NAMES},
@@ -128,8 +133,9 @@ def _truncated(path: Path) -> str | None:
     return None
 
 
-def _read_list(path: Path, directory: Path, num_classes: int, problems: list[str], checked: set[Path],
-               check_ends: bool) -> list[Example]:
+def _read_list(
+    path: Path, directory: Path, num_classes: int, problems: list[str], checked: set[Path], check_ends: bool
+) -> list[Example]:
     """The reader's parse (splits.parse_list_line), collecting every problem instead of stopping.
 
     Each image file is checked once (`checked`): it exists and (`check_ends`) is not cut short.
@@ -216,34 +222,44 @@ def _match_images(joined: Sequence[Example], parts: Sequence[Example], problems:
     return unmatched
 
 
-def _trainval_problems(lists: Mapping[str, list[Example]], folder: Path, by_content: bool,
-                       report: VerifyReport) -> None:
+def _trainval_problems(
+    lists: Mapping[str, list[Example]], folder: Path, by_content: bool, report: VerifyReport
+) -> None:
     """train800val200 holds train800's and val200's labels and, when `by_content`, their images."""
     joined, parts = lists["train800val200"], lists["train800"] + lists["val200"]
     path = folder / "train800val200.txt"
     have, want = Counter(e.label for e in joined), Counter(e.label for e in parts)
     if have != want:
-        differences = [f"{sum(count.values())} {word} of label(s) {sorted(count)[:MAX_LISTED]}"
-                       for word, count in (("more", have - want), ("fewer", want - have)) if count]
+        differences = [
+            f"{sum(count.values())} {word} of label(s) {sorted(count)[:MAX_LISTED]}"
+            for word, count in (("more", have - want), ("fewer", want - have))
+            if count
+        ]
         first = next((e.source for e, p in zip(joined, parts) if e.label != p.label), None)
-        report.problems.append(f"{path}: its labels are not those of train800 + val200 ({', '.join(differences)} "
-                               f"in train800val200" + (f"; first difference in list order at {first}" if first else "")
-                               + ")")
+        report.problems.append(
+            f"{path}: its labels are not those of train800 + val200 ({', '.join(differences)} "
+            f"in train800val200" + (f"; first difference in list order at {first}" if first else "") + ")"
+        )
         return
     if [e.label for e in joined] != [e.label for e in parts]:
-        report.notes.append("train800val200 lists train800 + val200 in another order (tf.data's interleaving "
-                            "of the two slices does that); checked as a set")
+        report.notes.append(
+            "train800val200 lists train800 + val200 in another order (tf.data's interleaving "
+            "of the two slices does that); checked as a set"
+        )
     if not by_content or [e.path for e in joined] == [e.path for e in parts]:
         return  # the same files (this suite's export) hold the same content
     if any(not e.path.is_file() for e in joined + parts):
         return  # already reported as missing
     unmatched = _match_images(joined, parts, report.problems)
     for example in unmatched[:MAX_LISTED]:
-        report.problems.append(f"{example.source}: image {str(example.path)!r} is none of the train800/val200 "
-                               f"images with label {example.label} (train800val200 must be train800 + val200)")
+        report.problems.append(
+            f"{example.source}: image {str(example.path)!r} is none of the train800/val200 "
+            f"images with label {example.label} (train800val200 must be train800 + val200)"
+        )
     if len(unmatched) > MAX_LISTED:
-        report.problems.append(f"{path}: ... and {len(unmatched) - MAX_LISTED} more lines whose image is not in "
-                               f"train800/val200")
+        report.problems.append(
+            f"{path}: ... and {len(unmatched) - MAX_LISTED} more lines whose image is not in train800/val200"
+        )
 
 
 def expected_counts_for(task: str, manifest: Mapping | None) -> dict[str, int]:
@@ -255,8 +271,13 @@ def expected_counts_for(task: str, manifest: Mapping | None) -> dict[str, int]:
     return counts
 
 
-def verify_task_folder(folder: Path, num_classes: int, decode: bool = False,
-                       expected_counts: Mapping[str, int] | None = None, progress: bool = False) -> VerifyReport:
+def verify_task_folder(
+    folder: Path,
+    num_classes: int,
+    decode: bool = False,
+    expected_counts: Mapping[str, int] | None = None,
+    progress: bool = False,
+) -> VerifyReport:
     """Every problem found (not just the first), each naming its file and line.
 
     `expected_counts` replaces VTAB-1K's split sizes (tests use tiny tasks). Without `decode`,
@@ -277,36 +298,61 @@ def verify_task_folder(folder: Path, num_classes: int, decode: bool = False,
     counts = dict(expected_counts) if expected_counts is not None else expected_counts_for(report.name, manifest)
     for split, expected in counts.items():
         if split in lists and len(lists[split]) != expected:
-            report.problems.append(f"{folder / (split + '.txt')}: {len(lists[split])} lines, VTAB-1K has {expected}"
-                                   if expected_counts is None else
-                                   f"{folder / (split + '.txt')}: {len(lists[split])} lines, expected {expected}")
+            report.problems.append(
+                f"{folder / (split + '.txt')}: {len(lists[split])} lines, VTAB-1K has {expected}"
+                if expected_counts is None
+                else f"{folder / (split + '.txt')}: {len(lists[split])} lines, expected {expected}"
+            )
     if {"train800", "val200", "train800val200"} <= set(lists):
         _trainval_problems(lists, folder, decode or manifest is not None, report)
     if manifest is not None:
         report.variant = manifest_variant(manifest)
-        report.problems += manifest_problems(manifest, manifest_path, {split: len(e) for split, e in lists.items()},
-                                             lambda split: folder / f"{split}.txt", "lists_sha256", num_classes, "lines")
+        report.problems += manifest_problems(
+            manifest,
+            manifest_path,
+            {split: len(e) for split, e in lists.items()},
+            lambda split: folder / f"{split}.txt",
+            "lists_sha256",
+            num_classes,
+            "lines",
+        )
         if report.name in TASKS and "test" in lists and len(lists["test"]) != TASKS[report.name].test_count:
-            report.notes.append(f"test has {len(lists['test'])} images; the published VTAB-1K copies (VPT's tfds "
-                                f"versions) have {TASKS[report.name].test_count}: see the manifest's tfds version")
+            report.notes.append(
+                f"test has {len(lists['test'])} images; the published VTAB-1K copies (VPT's tfds "
+                f"versions) have {TASKS[report.name].test_count}: see the manifest's tfds version"
+            )
     else:
         report.variant = "external:" + detect_layout(
-            {split: [e.path.relative_to(folder).as_posix() if e.path.is_relative_to(folder) else str(e.path)
-                     for e in examples] for split, examples in lists.items()})
-        report.notes.append("no manifest.json: lists, labels and files checked; train800val200 compared with "
-                            + ("train800 + val200 image by image" if decode else
-                               "train800 + val200 by labels (add --decode to compare the images)"))
+            {
+                split: [
+                    e.path.relative_to(folder).as_posix() if e.path.is_relative_to(folder) else str(e.path)
+                    for e in examples
+                ]
+                for split, examples in lists.items()
+            }
+        )
+        report.notes.append(
+            "no manifest.json: lists, labels and files checked; train800val200 compared with "
+            + (
+                "train800 + val200 image by image"
+                if decode
+                else "train800 + val200 by labels (add --decode to compare the images)"
+            )
+        )
     jpeg = sum(e.path.suffix.lower() in JPEG_SUFFIXES for examples in lists.values() for e in examples)
     if jpeg:
-        report.notes.append(f"lossy JPEG copy ({jpeg} JPEG list entries): results differ from the PNG export (one "
-                            "user measured about 10 points on CIFAR-100)")
+        report.notes.append(
+            f"lossy JPEG copy ({jpeg} JPEG list entries): results differ from the PNG export (one "
+            "user measured about 10 points on CIFAR-100)"
+        )
     used = {e.label for examples in lists.values() for e in examples if 0 <= e.label < num_classes}
     if lists and len(used) < num_classes:
         report.notes.append(f"the lists use {len(used)} of the {num_classes} classes: is this the task's folder?")
     if decode:  # every image file once (train800val200 may repeat train800's and val200's files)
         files = {e.path: e for split in LIST_NAMES for e in lists.get(split, ()) if e.path.is_file()}
-        for example in tqdm(files.values(), desc=f"decoding {folder.name}", disable=None if progress else True,
-                            leave=False):
+        for example in tqdm(
+            files.values(), desc=f"decoding {folder.name}", disable=None if progress else True, leave=False
+        ):
             try:
                 load_rgb(example)
             except CorruptImageError as error:

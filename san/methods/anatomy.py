@@ -38,8 +38,9 @@ GLOBAL_POSITIONS = ("patch_embed", "patch_embed_norm", "stem_conv", "stem_norm",
 STAGE_POSITIONS = ("downsample_norm", "downsample_conv")
 # Inputs a scale can be propagated into (weights whose input channels it multiplies).
 TARGETS = ("qkv", "proj", "fc1", "fc2", "reduction", "downsample_conv", "dw_conv", "project_conv")
-ALL_POSITIONS = tuple(dict.fromkeys(GLOBAL_POSITIONS + TRANSFORMER_BLOCK + CONVNEXT_BLOCK + EFFICIENTNET_BLOCK
-                                    + STAGE_POSITIONS))
+ALL_POSITIONS = tuple(
+    dict.fromkeys(GLOBAL_POSITIONS + TRANSFORMER_BLOCK + CONVNEXT_BLOCK + EFFICIENTNET_BLOCK + STAGE_POSITIONS)
+)
 
 
 @dataclass
@@ -62,8 +63,14 @@ class Anatomy:
 
 
 def _transformer_block(block: nn.Module) -> dict[str, nn.Module]:
-    return {"norm1": block.norm1, "qkv": block.attn.qkv, "proj": block.attn.proj,
-            "norm2": block.norm2, "fc1": block.mlp.fc1, "fc2": block.mlp.fc2}
+    return {
+        "norm1": block.norm1,
+        "qkv": block.attn.qkv,
+        "proj": block.attn.proj,
+        "norm2": block.norm2,
+        "fc1": block.mlp.fc1,
+        "fc2": block.mlp.fc2,
+    }
 
 
 def _vit(model: VisionTransformer) -> Anatomy:
@@ -79,8 +86,9 @@ def _swin(model: SwinTransformer) -> Anatomy:
     if isinstance(model.patch_embed.norm, nn.LayerNorm):
         global_modules["patch_embed_norm"] = model.patch_embed.norm
     blocks = [_transformer_block(b) for b in model.modules() if isinstance(b, SwinTransformerBlock)]
-    stages = [{"downsample_norm": m.norm, "reduction": m.reduction} for m in model.modules()
-              if isinstance(m, PatchMerging)]
+    stages = [
+        {"downsample_norm": m.norm, "reduction": m.reduction} for m in model.modules() if isinstance(m, PatchMerging)
+    ]
     return Anatomy("SwinTransformer", global_modules, blocks, stages, head_input_dim=model.num_features)
 
 
@@ -94,8 +102,11 @@ def _convnext(model: ConvNeXt) -> Anatomy:
         if not isinstance(block.mlp.fc1, nn.Linear):
             raise UnsupportedBackboneError("SSF/SAN support ConvNeXt with Linear MLPs (conv_mlp=False)")
         blocks.append({"conv_dw": block.conv_dw, "norm_dw": block.norm, "fc1": block.mlp.fc1, "fc2": block.mlp.fc2})
-    stages = [{"downsample_norm": stage.downsample[0], "downsample_conv": stage.downsample[1]}
-              for stage in model.stages if isinstance(stage.downsample, nn.Sequential)]
+    stages = [
+        {"downsample_norm": stage.downsample[0], "downsample_conv": stage.downsample[1]}
+        for stage in model.stages
+        if isinstance(stage.downsample, nn.Sequential)
+    ]
     return Anatomy("ConvNeXt", global_modules, blocks, stages, head_input_dim=model.num_features)
 
 
@@ -105,20 +116,29 @@ def _efficientnet(model: EfficientNet) -> Anatomy:
         if isinstance(block, DepthwiseSeparableConv):
             blocks.append({"dw_bn": block.bn1, "project_conv": block.conv_pw, "project_bn": block.bn2})
         elif isinstance(block, InvertedResidual):
-            blocks.append({"expand_bn": block.bn1, "dw_conv": block.conv_dw, "dw_bn": block.bn2,
-                           "project_conv": block.conv_pwl, "project_bn": block.bn3})
-    return Anatomy("EfficientNet", {"stem_bn": model.bn1, "head_bn": model.bn2}, blocks,
-                   head_input_dim=model.num_features)
+            blocks.append(
+                {
+                    "expand_bn": block.bn1,
+                    "dw_conv": block.conv_dw,
+                    "dw_bn": block.bn2,
+                    "project_conv": block.conv_pwl,
+                    "project_bn": block.bn3,
+                }
+            )
+    return Anatomy(
+        "EfficientNet", {"stem_bn": model.bn1, "head_bn": model.bn2}, blocks, head_input_dim=model.num_features
+    )
 
 
 ANATOMIES = {VisionTransformer: _vit, SwinTransformer: _swin, ConvNeXt: _convnext, EfficientNet: _efficientnet}
 
 
-def transformer_anatomy(model: nn.Module, method: str) -> Anatomy:
+def backbone_anatomy(model: nn.Module, method: str) -> Anatomy:
     for architecture, describe in ANATOMIES.items():
         if isinstance(model, architecture):
             return describe(model)
     raise UnsupportedBackboneError(
         f"method {method!r} is not defined for {type(model).__name__} yet; supported: "
-        f"{[a.__name__ for a in ANATOMIES]} (ViT-B/16, DINOv2, Swin-B, ConvNeXt-B, EfficientNet-Lite0 and the tiny test models)"
+        f"{[a.__name__ for a in ANATOMIES]} (ViT-B/16, DINOv2, Swin-B, ConvNeXt-B, EfficientNet-Lite0 and the tiny "
+        "test models)"
     )

@@ -47,7 +47,7 @@ class MethodConfig:
         return dataclasses.asdict(self)
 
 
-class PeftModel:
+class AdaptedModel:
     """Model-level class of a method. Subclasses set `config_class` and implement `_adapt`."""
 
     method_name: ClassVar[str] = ""

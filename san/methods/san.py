@@ -18,19 +18,26 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from san.methods.anatomy import ALL_POSITIONS, TARGETS, transformer_anatomy
-from san.methods.base import MethodConfig, PeftModel, UnsupportedBackboneError
+from san.methods.anatomy import ALL_POSITIONS, TARGETS, backbone_anatomy
+from san.methods.base import AdaptedModel, MethodConfig, UnsupportedBackboneError
 from san.methods.registry import register_method
-from san.methods.scaling import NormAffineScale, PropagatedLinear, ScaledOutput, fold_all, replace_module
+from san.methods.scaling import ScaledInput, fold_all, place_scales, positions_on, scale_parameters
+from san.methods.surgery import replace_module
 
 # Presets name every edge of the reading; on a given architecture the edges whose
 # positions it lacks are left out (ConvNeXt has no qkv, ViT no downsample_norm).
 EDGE_PRESETS = {
-    "reading_a": ["norm1->qkv", "norm2->fc1", "fc1->fc2", "qkv.v->proj",  # pre-norm transformer blocks
-                  "norm_dw->fc1",  # ConvNeXt block: norm -> fc1 (fc1->fc2 as above)
-                  "downsample_norm->reduction",  # Swin PatchMerging
-                  "downsample_norm->downsample_conv",  # ConvNeXt stage transition (conv input channels)
-                  "expand_bn->dw_conv", "dw_bn->project_conv"],  # EfficientNet, across the ReLU6
+    "reading_a": [
+        "norm1->qkv",
+        "norm2->fc1",
+        "fc1->fc2",
+        "qkv.v->proj",  # pre-norm transformer blocks
+        "norm_dw->fc1",  # ConvNeXt block: norm -> fc1 (fc1->fc2 as above)
+        "downsample_norm->reduction",  # Swin PatchMerging
+        "downsample_norm->downsample_conv",  # ConvNeXt stage transition (conv input channels)
+        "expand_bn->dw_conv",
+        "dw_bn->project_conv",
+    ],  # EfficientNet, across the ReLU6
     "reading_b": ["patch_embed->qkv", "proj->fc1", "fc1->fc2"],
     "none": [],
 }
@@ -46,32 +53,49 @@ INFERENCE_MODES = ("both", "features_only", "weights_only")
 class SANConfig(MethodConfig):
     positions: list[str] | str = field(
         default="all",
-        metadata={"help": f"Outputs that get a scale vector: a preset ('all': SSF's positions on the "
-                          f"architecture; 'reading_b') or a list from {list(ALL_POSITIONS)}."})
+        metadata={
+            "help": f"Outputs that get a scale vector: a preset ('all': SSF's positions on the "
+            f"architecture; 'reading_b') or a list from {list(ALL_POSITIONS)}."
+        },
+    )
     shift: bool = field(default=True, metadata={"help": "Add a shift vector beside each scale (SSF's beta)."})
     init_std: float = field(
-        default=0.02, metadata={"help": "Scales ~ N(1, std), shifts ~ N(0, std); 0 starts at the identity."})
+        default=0.02, metadata={"help": "Scales ~ N(1, std), shifts ~ N(0, std); 0 starts at the identity."}
+    )
     edges: list[str] | str = field(
         default="reading_a",
-        metadata={"help": f"Propagation edges 'source->target' (source may be 'qkv.v'), or a preset "
-                          f"name: {sorted(EDGE_PRESETS)}."})
+        metadata={
+            "help": f"Propagation edges 'source->target' (source may be 'qkv.v'), or a preset "
+            f"name: {sorted(EDGE_PRESETS)}."
+        },
+    )
     qkv_to_proj: str = field(
         default="v_slice",
-        metadata={"help": "How a qkv (3C) scale feeds proj (C): 'v_slice' (exact: attention commutes "
-                          "with per-channel scaling of V) or 'interpolate' (the early code's linear resize)."})
+        metadata={
+            "help": "How a qkv (3C) scale feeds proj (C): 'v_slice' (exact: attention commutes "
+            "with per-channel scaling of V) or 'interpolate' (the early code's linear resize)."
+        },
+    )
     propagate_last_blocks: int | None = field(
-        default=None, metadata={"help": "Propagate only in the last k blocks (None: all)."})
+        default=None, metadata={"help": "Propagate only in the last k blocks (None: all)."}
+    )
     recalibrate: bool = field(
         default=False,
-        metadata={"help": "A learnable vector (init 1) multiplying each propagated scale; adds parameters."})
+        metadata={"help": "A learnable vector (init 1) multiplying each propagated scale; adds parameters."},
+    )
     propagate_into_head: bool = field(
-        default=False, metadata={"help": "Also propagate the final norm's scale into the classifier."})
+        default=False, metadata={"help": "Also propagate the final norm's scale into the classifier."}
+    )
     train_norm_affine: bool = field(
-        default=False, metadata={"help": "Train LayerNorm weights and biases directly (reading B)."})
+        default=False, metadata={"help": "Train LayerNorm weights and biases directly (reading B)."}
+    )
     inference_mode: str = field(
         default="both",
-        metadata={"help": f"Evaluation-time ablation: {list(INFERENCE_MODES)} (features = neuron scaling, "
-                          "weights = propagated synapse scaling)."})
+        metadata={
+            "help": f"Evaluation-time ablation: {list(INFERENCE_MODES)} (features = neuron scaling, "
+            "weights = propagated synapse scaling)."
+        },
+    )
 
     def __post_init__(self):
         if isinstance(self.positions, str) and self.positions not in POSITION_PRESETS:
@@ -85,7 +109,9 @@ class SANConfig(MethodConfig):
             source, _, target = edge.partition("->")
             source_position, _, part = source.partition(".")
             if source_position not in self.position_list() and not isinstance(self.edges, str):
-                raise ValueError(f"edge {edge!r}: source {source_position!r} has no scale; positions are {self.positions}")
+                raise ValueError(
+                    f"edge {edge!r}: source {source_position!r} has no scale; positions are {self.positions}"
+                )
             if target not in TARGETS:
                 raise ValueError(f"edge {edge!r}: target must be one of {list(TARGETS)}")
             if part and part not in SLICES:
@@ -108,46 +134,25 @@ def _input_width(module: nn.Module) -> int:
     return module.in_features if isinstance(module, nn.Linear) else module.in_channels
 
 
-class SANModel(PeftModel):
+class SANModel(AdaptedModel):
     config_class = SANConfig
 
     def _adapt(self, model: nn.Module) -> None:
         cfg = self.config
-        anatomy = transformer_anatomy(model, self.method_name)
-        available = anatomy.positions
-        positions = set(cfg.position_list())
-        missing = sorted(positions - available)
-        # a preset is a menu filtered to the architecture; an explicit list must exist as written
-        if missing and not isinstance(cfg.positions, str):
-            raise UnsupportedBackboneError(
-                f"{self.method_name}: {anatomy.architecture} has no position(s) {missing}; it has {sorted(available)}")
-        positions &= available
-        if not positions:
-            raise UnsupportedBackboneError(
-                f"{self.method_name}: none of its positions {cfg.position_list()} exist on {anatomy.architecture} "
-                f"(which has {sorted(available)})")
+        anatomy = backbone_anatomy(model, self.method_name)
+        positions = positions_on(anatomy, cfg.position_list(), isinstance(cfg.positions, str), self.method_name)
         edges = self._edges_for(anatomy, positions)
-        self.scales: list[ScaledOutput | NormAffineScale] = []
-        self.propagations: list[PropagatedLinear] = []
+        placed = place_scales(model, anatomy, positions, cfg.shift, cfg.init_std)
+        self.scales = placed.all()
+        self.propagations: list[ScaledInput] = []
         self.norm_affines: list[nn.Parameter] = []
-
-        def scaled(module: nn.Module) -> ScaledOutput | NormAffineScale:
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                wrapper = NormAffineScale(module, cfg.shift, cfg.init_std)  # before the fused activation
-            else:
-                wrapper = ScaledOutput(module, cfg.shift, cfg.init_std)
-                replace_module(model, module, wrapper)
-            self.scales.append(wrapper)
-            return wrapper
-
-        global_scales = {name: scaled(module) for name, module in anatomy.global_modules.items() if name in positions}
-        block_scales = [{name: scaled(module) for name, module in unit.items() if name in positions}
-                        for unit in anatomy.blocks]
-        stage_scales = [{name: scaled(module) for name, module in unit.items() if name in positions}
-                        for unit in anatomy.stages]
+        global_scales, block_scales, stage_scales = placed.global_scales, placed.block_scales, placed.stage_scales
         first_propagating = len(anatomy.blocks) - (cfg.propagate_last_blocks or len(anatomy.blocks))
-        units = [(unit, scales) for index, (unit, scales) in enumerate(zip(anatomy.blocks, block_scales))
-                 if index >= first_propagating]
+        units = [
+            (unit, scales)
+            for index, (unit, scales) in enumerate(zip(anatomy.blocks, block_scales))
+            if index >= first_propagating
+        ]
         if cfg.propagate_last_blocks is None:
             units += list(zip(anatomy.stages, stage_scales))
 
@@ -192,11 +197,12 @@ class SANModel(PeftModel):
         if missing and not isinstance(self.config.edges, str):
             raise UnsupportedBackboneError(
                 f"{self.method_name}: edge(s) {missing} need positions {anatomy.architecture} lacks or that have "
-                f"no scale; positions with a scale: {sorted(positions)}")
+                f"no scale; positions with a scale: {sorted(positions)}"
+            )
         return kept
 
     def _propagate(self, model: nn.Module, linear: nn.Linear, sources: list) -> None:
-        propagated = PropagatedLinear(linear, sources, self.config.recalibrate)
+        propagated = ScaledInput(linear, sources, self.config.recalibrate)
         replace_module(model, linear, propagated)
         self.propagations.append(propagated)
 
@@ -213,10 +219,7 @@ class SANModel(PeftModel):
         self.set_inference_mode("both" if training else self.config.inference_mode)
 
     def _method_parameters(self):
-        for wrapper in self.scales:
-            yield wrapper.gamma
-            if wrapper.beta is not None:
-                yield wrapper.beta
+        yield from scale_parameters(self.scales)
         for propagated in self.propagations:
             if propagated.recalibration is not None:
                 yield propagated.recalibration

@@ -14,18 +14,19 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from baselines.peft_family import adapter_parameters
 from san.methods.base import UnsupportedBackboneError
+from san.methods.peft_tuners import adapter_parameters, tuner_layers
 from san.methods.registry import register_method
 from san.methods.san import SANConfig, SANModel
 from san.methods.scaling import fold_all
 
 
-
 @dataclass
 class SANLoraConfig(SANConfig):
-    lora_positions: list[str] = field(default_factory=lambda: ["qkv"], metadata={
-        "help": "Positions whose Linear gets a LoRA update (qkv: the fused q, k, v projection)."})
+    lora_positions: list[str] = field(
+        default_factory=lambda: ["qkv"],
+        metadata={"help": "Positions whose Linear gets a LoRA update (qkv: the fused q, k, v projection)."},
+    )
     rank: int = field(default=8, metadata={"help": "LoRA rank."})
     alpha: float = field(default=8, metadata={"help": "LoRA alpha (update scaled by alpha / rank)."})
     dora: bool = field(default=False, metadata={"help": "DoRA instead of LoRA (peft use_dora)."})
@@ -40,13 +41,18 @@ class SANLoraModel(SANModel):
         super()._adapt(model)
         cfg = self.config
         # the innermost Linear under each position (inside SAN's wrappers: <position>[.base][.base])
-        targets = [name for name, module in model.named_modules() if type(module) is nn.Linear
-                   and name.replace(".base", "").rsplit(".", 1)[-1] in cfg.lora_positions]
+        targets = [
+            name
+            for name, module in model.named_modules()
+            if type(module) is nn.Linear and name.replace(".base", "").rsplit(".", 1)[-1] in cfg.lora_positions
+        ]
         if not targets:
-            raise UnsupportedBackboneError(f"{self.method_name}: no Linear at positions {cfg.lora_positions}")
+            raise UnsupportedBackboneError(
+                f"{self.method_name}: {type(model).__name__} has no Linear at positions {cfg.lora_positions}"
+            )
         lora = peft.LoraConfig(target_modules=targets, r=cfg.rank, lora_alpha=cfg.alpha, use_dora=cfg.dora)
         self._tuner = peft.get_peft_model(model, lora).base_model
-        self._lora_layers = [m for m in model.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)]
+        self._lora_layers = tuner_layers(model)
 
     def _method_parameters(self):
         yield from super()._method_parameters()

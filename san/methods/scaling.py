@@ -1,17 +1,23 @@
 """Layers shared by SSF and SAN: a per-channel scale/shift on a module's output
-("neuron"), and a linear layer whose input columns are scaled by another layer's scale
-("synapse", propagation). Both fold into plain weights.
+("neuron"), and a Linear/Conv2d whose input channels are scaled by other layers' scales
+("synapse", propagation). Both fold into plain weights. `place_scales` puts the output
+scales at an anatomy's positions; SSF stops there, SAN adds the propagation.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 from torch.nn.utils import parametrize
+
+from san.methods.anatomy import Anatomy
+from san.methods.base import UnsupportedBackboneError
+from san.methods.surgery import fold_wrappers, replace_module
 
 # Modules whose output channels sit on axis 1 (NCHW); everything else is channels-last.
 _CHANNEL_FIRST = (nn.Conv2d, nn.BatchNorm2d, LayerNorm2d)
@@ -130,8 +136,8 @@ class _ShiftedBias(nn.Module):
         return bias + owner.beta if owner.beta is not None else bias
 
 
-class PropagatedLinear(nn.Module):
-    """`W diag(s)` applied to the input, where `s` multiplies the scales of source layers.
+class ScaledInput(nn.Module):
+    """A Linear or Conv2d computing `W diag(s)` on its input, `s` the product of source layers' scales.
 
     The base is a Linear (`F.linear(x, W diag(s), b)`) or a Conv2d, whose input channels
     are scaled (`W[:, c] *= s_c`; for a depthwise conv input channel c is output channel c,
@@ -141,8 +147,9 @@ class PropagatedLinear(nn.Module):
     belong to their own layers.
     """
 
-    def __init__(self, base: nn.Linear | nn.Conv2d, sources: Sequence[tuple[ScaledOutput, int, int, bool]],
-                 recalibrate: bool):
+    def __init__(
+        self, base: nn.Linear | nn.Conv2d, sources: Sequence[tuple[ScaledOutput, int, int, bool]], recalibrate: bool
+    ):
         super().__init__()
         self.base = base
         self._sources = list(sources)
@@ -165,8 +172,9 @@ class PropagatedLinear(nn.Module):
         for source, start, stop, interpolate in self._sources:
             gamma = source.gamma
             if interpolate:
-                gamma = F.interpolate(gamma.view(1, 1, -1), size=self.in_features, mode="linear",
-                                      align_corners=True).view(-1)
+                gamma = F.interpolate(
+                    gamma.view(1, 1, -1), size=self.in_features, mode="linear", align_corners=True
+                ).view(-1)
             else:
                 gamma = gamma[start:stop]
             scale = scale * gamma
@@ -204,28 +212,72 @@ class PropagatedLinear(nn.Module):
         return self.base
 
 
-def replace_module(root: nn.Module, target: nn.Module, replacement: nn.Module) -> None:
-    """Put `replacement` where `target` sits in `root` (module replacement, no forked model code)."""
-    for parent in root.modules():
-        for name, child in parent.named_children():
-            if child is target:
-                setattr(parent, name, replacement)
-                return
-    raise KeyError(f"{type(target).__name__} is not a submodule")
-
-
 def fold_all(model: nn.Module) -> nn.Module:
     """Fold every propagation first (it reads the source scales), then every scale-shift."""
-    _fold_wrappers(model, PropagatedLinear)
+    fold_wrappers(model, ScaledInput)
     for norm_scale in [m for m in model.modules() if isinstance(m, NormAffineScale)]:
         norm_scale.folded()
-    _fold_wrappers(model, ScaledOutput)
+    fold_wrappers(model, ScaledOutput)
     return model
 
 
-def _fold_wrappers(model: nn.Module, kind: type) -> None:
-    while True:
-        wrapper = next((m for m in model.modules() if isinstance(m, kind)), None)
-        if wrapper is None:
-            return
-        replace_module(model, wrapper, wrapper.folded())
+Scale = ScaledOutput | NormAffineScale
+
+
+@dataclass
+class PlacedScales:
+    """The output scales put at an anatomy's positions, by where they sit."""
+
+    global_scales: dict[str, Scale]
+    block_scales: list[dict[str, Scale]]
+    stage_scales: list[dict[str, Scale]]
+
+    def all(self) -> list[Scale]:
+        units = [self.global_scales, *self.block_scales, *self.stage_scales]
+        return [scale for unit in units for scale in unit.values()]
+
+
+def positions_on(anatomy: Anatomy, requested: list[str], from_preset: bool, method: str) -> set[str]:
+    """The requested positions this architecture has: a preset is a menu filtered to the
+    architecture, an explicit list must exist as written."""
+    available = anatomy.positions
+    missing = sorted(set(requested) - available)
+    if missing and not from_preset:
+        raise UnsupportedBackboneError(
+            f"{method}: {anatomy.architecture} has no position(s) {missing}; it has {sorted(available)}"
+        )
+    positions = set(requested) & available
+    if not positions:
+        raise UnsupportedBackboneError(
+            f"{method}: none of its positions {requested} exist on {anatomy.architecture} "
+            f"(which has {sorted(available)})"
+        )
+    return positions
+
+
+def place_scales(model: nn.Module, anatomy: Anatomy, positions: set[str], shift: bool, init_std: float) -> PlacedScales:
+    """A scale (and shift) on the output of every module at `positions`: global modules,
+    then blocks, then stage transitions (the order fixes the initialisation's random draws)."""
+
+    def scaled(module: nn.Module) -> Scale:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return NormAffineScale(module, shift, init_std)  # before the fused activation
+        wrapper = ScaledOutput(module, shift, init_std)
+        replace_module(model, module, wrapper)
+        return wrapper
+
+    def place(unit: dict[str, nn.Module]) -> dict[str, Scale]:
+        return {name: scaled(module) for name, module in unit.items() if name in positions}
+
+    return PlacedScales(
+        place(anatomy.global_modules),
+        [place(unit) for unit in anatomy.blocks],
+        [place(unit) for unit in anatomy.stages],
+    )
+
+
+def scale_parameters(scales: Sequence[Scale]) -> Iterator[nn.Parameter]:
+    for scale in scales:
+        yield scale.gamma
+        if scale.beta is not None:
+            yield scale.beta

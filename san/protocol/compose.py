@@ -27,7 +27,7 @@ from hydra.core.override_parser.types import Override, OverrideType
 from omegaconf import AnyNode, DictConfig, OmegaConf
 
 from san.config import compose_config
-from san.run import resolved
+from san.identity import resolved
 
 # The innermost `${...}` of an interpolation string.
 _INNERMOST = re.compile(r"\$\{([^${}]*)\}")
@@ -66,7 +66,7 @@ def interpolation_references(config: DictConfig) -> set[str] | None:
                 references.add(inner)
             else:
                 return False
-            text = text[:match.start()] + "_" + text[match.end():]
+            text = text[: match.start()] + "_" + text[match.end() :]
 
     return references if visit(OmegaConf.to_container(config, resolve=False)) else None
 
@@ -96,13 +96,18 @@ class Base:
     @classmethod
     def of(cls, config: DictConfig) -> "Base":
         references = interpolation_references(config)
-        return cls(resolved(config), frozenset(plain_value_keys(config)),
-                   None if references is None else frozenset(references))
+        return cls(
+            resolved(config), frozenset(plain_value_keys(config)), None if references is None else frozenset(references)
+        )
 
     def settable(self, override: Override) -> bool:
         """True if writing this override into `resolved` gives exactly what Hydra would."""
-        if (override.type != OverrideType.CHANGE or override.package is not None or override.is_sweep_override()
-                or override.is_hydra_override()):
+        if (
+            override.type != OverrideType.CHANGE
+            or override.package is not None
+            or override.is_sweep_override()
+            or override.is_hydra_override()
+        ):
             return False
         key = override.key_or_group
         if self.references is None or key not in self.plain_keys:
@@ -112,8 +117,7 @@ class Base:
             return False
         if isinstance(value, str) and ("$" in value or "\\" in value or value == "???"):
             return False  # interpolations, escapes and MISSING have their own meaning in OmegaConf
-        return not any(ref == key or ref.startswith(key + ".") or key.startswith(ref + ".")
-                       for ref in self.references)
+        return not any(ref == key or ref.startswith(key + ".") or key.startswith(ref + ".") for ref in self.references)
 
 
 class CellComposer:

@@ -51,8 +51,10 @@ def checkpoint_writes(trainer: Mapping[str, Any], run_minutes: float) -> tuple[i
     if "checkpoint_every_minutes" in trainer:
         minutes = trainer["checkpoint_every_minutes"]
         writes = max(1, math.floor(run_minutes / minutes)) if minutes else 1
-        return writes, (f"max(1, predicted H100 minutes / trainer.checkpoint_every_minutes={minutes}) writes "
-                        "per run (a run shorter than that still counted as one write)")
+        return writes, (
+            f"max(1, predicted H100 minutes / trainer.checkpoint_every_minutes={minutes}) writes "
+            "per run (a run shorter than that still counted as one write)"
+        )
     return epochs, "one write per epoch (the config has no trainer.checkpoint_every_minutes or _epochs)"
 
 
@@ -62,10 +64,12 @@ def job_cost(config: Mapping[str, Any], costs: ModelCosts, mfu: float, peak: flo
     model = costs.get(config["backbone"], config["method"])
     if "unsupported" in model:
         return {"unsupported": model["unsupported"]}
-    fit = _images_per_pass(role_size(dataset, protocol["fit"]), trainer.get("limit_train_batches"),
-                           trainer["batch_size"])
-    evaluated = _images_per_pass(role_size(dataset, protocol["evaluate"]), trainer.get("limit_eval_batches"),
-                                 trainer["eval_batch_size"])
+    fit = _images_per_pass(
+        role_size(dataset, protocol["fit"]), trainer.get("limit_train_batches"), trainer["batch_size"]
+    )
+    evaluated = _images_per_pass(
+        role_size(dataset, protocol["evaluate"]), trainer.get("limit_eval_batches"), trainer["eval_batch_size"]
+    )
     train_steps = trainer["epochs"] * fit
     eval_forwards = evaluations(trainer) * evaluated
     train_flops = train_steps * model["train_flops"]
@@ -73,10 +77,16 @@ def job_cost(config: Mapping[str, Any], costs: ModelCosts, mfu: float, peak: flo
     minutes = (train_flops + eval_flops) / (mfu * peak) / 60
     writes, rule = checkpoint_writes(trainer, minutes)
     trainable = model["trainable_without_head"] + (
-        round(model["head_params_per_class"] * dataset["num_classes"]) if model["head_trainable"] else 0)
-    return {"train_image_steps": train_steps, "eval_image_forwards": eval_forwards,
-            "checkpoint_bytes": writes * CHECKPOINT_BYTES_PER_TRAINABLE * trainable,
-            "train_flops": train_flops, "eval_flops": eval_flops, "checkpoint_rule": rule}
+        round(model["head_params_per_class"] * dataset["num_classes"]) if model["head_trainable"] else 0
+    )
+    return {
+        "train_image_steps": train_steps,
+        "eval_image_forwards": eval_forwards,
+        "checkpoint_bytes": writes * CHECKPOINT_BYTES_PER_TRAINABLE * trainable,
+        "train_flops": train_flops,
+        "eval_flops": eval_flops,
+        "checkpoint_rule": rule,
+    }
 
 
 def plan_jobs_for_account(plan: Plan) -> Iterator[tuple[Job, float]]:
@@ -92,13 +102,17 @@ def plan_jobs_for_account(plan: Plan) -> Iterator[tuple[Job, float]]:
 
 def _summary(totals: Mapping[str, float], mfu: float, peak: float) -> dict[str, Any]:
     train, evaluation = totals["train_flops"], totals["eval_flops"]
-    summary = {key: round(totals[key]) for key in ("runs", "train_image_steps", "eval_image_forwards",
-                                                   "checkpoint_bytes")}
-    summary.update({
-        "train_flops": float(f"{train:.4g}"), "eval_flops": float(f"{evaluation:.4g}"),
-        "overhead_ratio": round((train + evaluation) / train, 4) if train else None,
-        "predicted_h100_hours": round((train + evaluation) / (mfu * peak) / 3600, 2),
-    })
+    summary = {
+        key: round(totals[key]) for key in ("runs", "train_image_steps", "eval_image_forwards", "checkpoint_bytes")
+    }
+    summary.update(
+        {
+            "train_flops": float(f"{train:.4g}"),
+            "eval_flops": float(f"{evaluation:.4g}"),
+            "overhead_ratio": round((train + evaluation) / train, 4) if train else None,
+            "predicted_h100_hours": round((train + evaluation) / (mfu * peak) / 3600, 2),
+        }
+    )
     if totals["train_image_steps"]:
         summary["train_gflops_per_image"] = round(train / totals["train_image_steps"] / 1e9, 2)
     if totals["eval_image_forwards"]:
@@ -106,8 +120,9 @@ def _summary(totals: Mapping[str, float], mfu: float, peak: float) -> dict[str, 
     return summary
 
 
-def account(plan: Plan, mfu: float = DEFAULT_MFU, peak: float = H100_PEAK_FLOPS,
-            costs: ModelCosts | None = None) -> dict[str, Any]:
+def account(
+    plan: Plan, mfu: float = DEFAULT_MFU, peak: float = H100_PEAK_FLOPS, costs: ModelCosts | None = None
+) -> dict[str, Any]:
     """The dry-run's JSON: totals, per method and per stage, with the assumptions behind them."""
     costs = costs or ModelCosts()
     totals: dict[str, float] = defaultdict(float)
@@ -127,11 +142,19 @@ def account(plan: Plan, mfu: float = DEFAULT_MFU, peak: float = H100_PEAK_FLOPS,
         for bucket in buckets:
             for key in _TOTALS[1:]:
                 bucket[key] += weight * cost[key]
-    document = {"experiment": plan.name, "backbone": plan.backbone, "cells": len(plan.cells),
-                "tune_runs": round(per_stage["tune"]["runs"]), "final_runs": round(per_stage["final"]["runs"]),
-                **_summary(totals, mfu, peak), "mfu": mfu, "peak_flops_per_s": peak, "peak": H100_PEAK,
-                "per_method": {label: _summary(values, mfu, peak) for label, values in per_method.items()},
-                "per_stage": {stage: _summary(values, mfu, peak) for stage, values in per_stage.items()}}
+    document = {
+        "experiment": plan.name,
+        "backbone": plan.backbone,
+        "cells": len(plan.cells),
+        "tune_runs": round(per_stage["tune"]["runs"]),
+        "final_runs": round(per_stage["final"]["runs"]),
+        **_summary(totals, mfu, peak),
+        "mfu": mfu,
+        "peak_flops_per_s": peak,
+        "peak": H100_PEAK,
+        "per_method": {label: _summary(values, mfu, peak) for label, values in per_method.items()},
+        "per_stage": {stage: _summary(values, mfu, peak) for stage, values in per_stage.items()},
+    }
     if unsupported:
         document["unsupported"] = unsupported
     document["assumptions"] = [
@@ -149,7 +172,9 @@ def account(plan: Plan, mfu: float = DEFAULT_MFU, peak: float = H100_PEAK_FLOPS,
         "exp_avg_sq; metadata not counted); " + "; ".join(sorted(rules)),
     ]
     if unsupported:
-        document["assumptions"].append("runs of an unsupported backbone x method pair count in `runs` and cost "
-                                       "nothing: they stop at build time (see `unsupported`)")
+        document["assumptions"].append(
+            "runs of an unsupported backbone x method pair count in `runs` and cost "
+            "nothing: they stop at build time (see `unsupported`)"
+        )
     document["counted_at_planning"] = len(costs.counted_now)
     return document

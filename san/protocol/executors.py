@@ -19,11 +19,12 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
+from san.atomic import atomic_write_bytes
 from san.locks import RunBusyError, run_lock
-from san.trainer import TrainingInterrupted
 from san.protocol.plan import Job
-from san.records import atomic_write_bytes, read_record
+from san.records import read_record
 from san.run import run_and_report
+from san.trainer import TrainingInterrupted
 
 
 @dataclass
@@ -57,9 +58,15 @@ def _finish(jobs: Sequence[Job], attempts: dict[int, int], logs: dict[int, str],
         if status != "complete" and job.record_path.is_file():
             error = read_record(job.record_path).get("error", {}).get("message")
         ran = "done_elsewhere" if index in busy else "ran"
-        outcomes.append(Outcome(job, ran if status == "complete" else "failed", attempts.get(index, 0),
-                                error or (None if status == "complete" else f"record status {status!r}"),
-                                logs.get(index)))
+        outcomes.append(
+            Outcome(
+                job,
+                ran if status == "complete" else "failed",
+                attempts.get(index, 0),
+                error or (None if status == "complete" else f"record status {status!r}"),
+                logs.get(index),
+            )
+        )
     return outcomes
 
 
@@ -74,8 +81,15 @@ class Executor:
         pending = [job for job in jobs if record_status(job) != "complete"]
         outcomes = [Outcome(job, "skipped") for job in skipped]
         if pending:
-            bar = tqdm(total=len(jobs), initial=len(skipped), desc=f"sweep {stage}", unit="run",
-                       disable=None if self.progress else True, dynamic_ncols=True, position=0)
+            bar = tqdm(
+                total=len(jobs),
+                initial=len(skipped),
+                desc=f"sweep {stage}",
+                unit="run",
+                disable=None if self.progress else True,
+                dynamic_ncols=True,
+                position=0,
+            )
             attempts: dict[int, int] = {}
             logs: dict[int, str] = {}
             self.busy: set[int] = set()  # indices another process held when this one tried
@@ -91,8 +105,7 @@ class Executor:
             outcomes += _finish(pending, attempts, logs, self.busy)
         return outcomes
 
-    def _run_batch(self, jobs: Sequence[Job], indices: list[int], stage: str, bar: tqdm,
-                   logs: dict[int, str]) -> None:
+    def _run_batch(self, jobs: Sequence[Job], indices: list[int], stage: str, bar: tqdm, logs: dict[int, str]) -> None:
         raise NotImplementedError
 
 
@@ -137,8 +150,9 @@ def _auto_devices() -> list[str]:
 class ParallelExecutor(Executor):
     """Worker processes on this machine: `runs_per_device` runs per GPU (or on the CPU)."""
 
-    def __init__(self, retries, work_dir, devices: Sequence[str] | str = "auto", runs_per_device: int = 1,
-                 progress: bool = True):
+    def __init__(
+        self, retries, work_dir, devices: Sequence[str] | str = "auto", runs_per_device: int = 1, progress: bool = True
+    ):
         super().__init__(retries, work_dir, progress)
         self.devices = _auto_devices() if devices == "auto" else [str(d) for d in devices]
         self.slots = [device for device in self.devices for _ in range(runs_per_device)]
@@ -159,7 +173,10 @@ class ParallelExecutor(Executor):
                 log = open(log_path, "ab")
                 process = subprocess.Popen(
                     [sys.executable, "-m", "san.cli.job", "--jobs", str(jobs_file), "--index", str(index)],
-                    stdout=log, stderr=subprocess.STDOUT, env=env)
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
                 running[index] = (process, device, log)
                 logs[index] = str(log_path)
             for index, (process, device, log) in list(running.items()):
@@ -191,9 +208,17 @@ class HydraLauncherExecutor(Executor):
     def _run_batch(self, jobs, indices, stage, bar, logs):
         jobs_file = write_jobs_file(self.work_dir / f"jobs-{stage}.json", jobs)
         hydra_dir = self.work_dir / "hydra" / stage
-        command = [sys.executable, "-m", "san.cli.hydra_job", "--multirun", f"launcher={self.launcher}",
-                   *self.shared_overrides, f"+jobs_file={jobs_file}",
-                   f"+job_index={','.join(str(i) for i in indices)}", f"hydra.sweep.dir={hydra_dir}"]
+        command = [
+            sys.executable,
+            "-m",
+            "san.cli.hydra_job",
+            "--multirun",
+            f"launcher={self.launcher}",
+            *self.shared_overrides,
+            f"+jobs_file={jobs_file}",
+            f"+job_index={','.join(str(i) for i in indices)}",
+            f"hydra.sweep.dir={hydra_dir}",
+        ]
         tqdm.write(f"   handing {len(indices)} run(s) to Hydra's {self.launcher} launcher; logs under {hydra_dir}")
         completed = subprocess.run(command)
         if completed.returncode:
@@ -203,8 +228,9 @@ class HydraLauncherExecutor(Executor):
         bar.update(len(indices))
 
 
-def build_executor(launcher: dict[str, Any], retries: int, work_dir: Path, shared_overrides: Sequence[str],
-                   progress: bool = True) -> Executor:
+def build_executor(
+    launcher: dict[str, Any], retries: int, work_dir: Path, shared_overrides: Sequence[str], progress: bool = True
+) -> Executor:
     kind = launcher["executor"]
     if kind == "in_process":
         return InProcessExecutor(retries, work_dir, progress)

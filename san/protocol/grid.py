@@ -10,8 +10,9 @@ import itertools
 import json
 from typing import Any, Mapping, Sequence
 
-Point = tuple[str, ...]
 from san.errors import UserError
+
+Point = tuple[str, ...]
 
 
 class EmptyGridError(UserError, ValueError):
@@ -39,8 +40,10 @@ def expand_axes(axes: Mapping[str, Sequence[Any]]) -> list[Point]:
         if not isinstance(values, Sequence) or isinstance(values, str) or len(values) == 0:
             raise EmptyGridError(f"grid axis {key!r} has no values (got {values!r}); give it a list")
     keys = list(axes)
-    return [tuple(format_override(k, v) for k, v in zip(keys, combo))
-            for combo in itertools.product(*(axes[k] for k in keys))]
+    return [
+        tuple(format_override(k, v) for k, v in zip(keys, combo))
+        for combo in itertools.product(*(axes[k] for k in keys))
+    ]
 
 
 def grid_points(sweep: Mapping[str, Any], method: str) -> list[Point]:

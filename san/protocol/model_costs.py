@@ -30,7 +30,6 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-import san  # noqa: F401  (registers every method)
 from san.efficiency import count_adapted
 from san.methods.base import UnsupportedBackboneError
 
@@ -43,27 +42,37 @@ _ARCHITECTURE_FIELDS = ("timm_name", "input_size", "kwargs")
 
 def cost_key(backbone: Mapping[str, Any], method: Mapping[str, Any]) -> str:
     """Identifies what was counted: the architecture and every method setting but its label."""
-    subject = {"backbone": {k: backbone.get(k) for k in _ARCHITECTURE_FIELDS},
-               "method": {k: v for k, v in method.items() if k != "label"}}
+    subject = {
+        "backbone": {k: backbone.get(k) for k in _ARCHITECTURE_FIELDS},
+        "method": {k: v for k, v in method.items() if k != "label"},
+    }
     return hashlib.sha256(json.dumps(subject, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _count(backbone: Mapping[str, Any], method: Mapping[str, Any], device: str) -> dict[str, Any]:
-    flops, peft = count_adapted(backbone, method, REFERENCE_CLASSES, device)
+    flops, adapted = count_adapted(backbone, method, REFERENCE_CLASSES, device)
     forward, train = flops["forward_flops_per_image"], flops["train_flops_per_image"]
-    counts = peft.parameter_counts()
-    head = sum(p.numel() for p in peft.head.parameters())
-    return {"forward_flops": int(forward), "train_flops": int(train),
-            "trainable_without_head": counts["trainable_without_head"],
-            "head_trainable": counts["trainable"] > counts["trainable_without_head"],
-            "head_params_per_class": head / REFERENCE_CLASSES, "counted_on": device}
+    counts = adapted.parameter_counts()
+    head = sum(p.numel() for p in adapted.head.parameters())
+    return {
+        "forward_flops": int(forward),
+        "train_flops": int(train),
+        "trainable_without_head": counts["trainable_without_head"],
+        "head_trainable": counts["trainable"] > counts["trainable_without_head"],
+        "head_params_per_class": head / REFERENCE_CLASSES,
+        "counted_on": device,
+    }
 
 
 def measure(backbone: Mapping[str, Any], method: Mapping[str, Any]) -> dict[str, Any]:
     """One table entry: counts, or `unsupported` with the method's own error message."""
-    entry: dict[str, Any] = {"backbone": backbone["name"], "timm_name": backbone["timm_name"],
-                             "input_size": backbone["input_size"], "method": method["name"],
-                             "settings": {k: v for k, v in method.items() if k != "label"}}
+    entry: dict[str, Any] = {
+        "backbone": backbone["name"],
+        "timm_name": backbone["timm_name"],
+        "input_size": backbone["input_size"],
+        "method": method["name"],
+        "settings": {k: v for k, v in method.items() if k != "label"},
+    }
     try:
         entry.update(_count(backbone, method, "meta"))
     except UnsupportedBackboneError as error:
@@ -90,11 +99,12 @@ class ModelCosts:
         return self.entries[key]
 
     def save(self) -> None:
-        document = {"about": "FLOPs per image and trainable parameters per backbone x method setting, counted by "
-                             "san.protocol.model_costs (FlopCounterMode, fused attention off); keys: cost_key()",
-                    "reference_classes": REFERENCE_CLASSES,
-                    "entries": dict(sorted(self.entries.items(), key=lambda kv: (kv[1]["backbone"], kv[1]["method"],
-                                                                                 kv[0])))}
+        document = {
+            "about": "FLOPs per image and trainable parameters per backbone x method setting, counted by "
+            "san.protocol.model_costs (FlopCounterMode, fused attention off); keys: cost_key()",
+            "reference_classes": REFERENCE_CLASSES,
+            "entries": dict(sorted(self.entries.items(), key=lambda kv: (kv[1]["backbone"], kv[1]["method"], kv[0]))),
+        }
         self.path.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
 
 

@@ -16,13 +16,11 @@ from typing import Any, Iterable
 
 from omegaconf import OmegaConf
 
-import san  # noqa: F401  (registers every method)
+from san.config import compose_config, group_options
 from san.errors import UserError
-from san.config import compose_config, config_dir
-from san.methods.registry import available_methods
+from san.identity import resolved, run_dir_for
 from san.protocol.compose import CellComposer
 from san.protocol.grid import Point, format_override, grid_points, task_overrides
-from san.run import resolved, run_dir_for
 
 # Overrides the plan itself sets per job; on the san-sweep command line `method=` and
 # `dataset=` narrow the plan instead (see `split_overrides`).
@@ -87,7 +85,7 @@ class Job:
 
 
 def _names_in(group: str) -> list[str]:
-    return sorted(p.stem for p in Path(config_dir(), group).glob("*.yaml"))
+    return group_options(group)
 
 
 def _override_key(override: str) -> str:
@@ -125,15 +123,17 @@ class Plan:
         if self.root.get("plan") is None:
             raise PlanError(f"san-sweep needs an experiment: experiment=<name>; accepted: {_names_in('experiment')}")
         if self.root.get("sweep") is None:
-            raise PlanError(f"experiment {self.root.plan.name!r} names no grid: sweep=<name>; "
-                            f"accepted: {_names_in('sweep')}")
+            raise PlanError(
+                f"experiment {self.root.plan.name!r} names no grid: sweep=<name>; accepted: {_names_in('sweep')}"
+            )
         plan = OmegaConf.to_container(self.root.plan, resolve=True)
         self.name: str = plan["name"]
         self.tasks: list[str] = [owned["dataset"]] if "dataset" in owned else list(plan["tasks"])
         entries = [MethodEntry.parse(item) for item in plan["methods"]]
         if "method" in owned:  # `method=X` on the command line: only that entry (or that config)
             entries = [e for e in entries if owned["method"] in (e.label, e.config_name)] or [
-                MethodEntry.parse(owned["method"])]
+                MethodEntry.parse(owned["method"])
+            ]
         self.methods: dict[str, MethodEntry] = {e.label: e for e in entries}
         self.seeds: list[int] = list(plan["seeds"])
         self.tune_seed: int = plan["tune_seed"]
@@ -148,17 +148,13 @@ class Plan:
         unknown = [t for t in self.tasks if t not in known_tasks]
         if unknown:
             raise UnknownTaskError(f"experiment {self.name!r} names unknown task(s) {unknown}; accepted: {known_tasks}")
-        registered = set(available_methods())
-        unknown = [e.config_name for e in self.methods.values()
-                   if e.config_name not in known_methods or e.config_name not in registered]
+        unknown = [e.config_name for e in self.methods.values() if e.config_name not in known_methods]
         if unknown:
-            raise PlanError(f"experiment {self.name!r} names unknown method(s) {unknown}; "
-                            f"accepted: {sorted(registered & set(known_methods))}")
+            raise PlanError(f"experiment {self.name!r} names unknown method(s) {unknown}; accepted: {known_methods}")
         if not self.seeds:
             raise PlanError(f"experiment {self.name!r} has no final seeds (plan.seeds)")
-        for task in self.tasks:
-            for method in self.methods:
-                grid_points(self.sweep, self.methods[method].config_name)  # EmptyGridError names it
+        for entry in self.methods.values():
+            grid_points(self.sweep, entry.config_name)  # EmptyGridError names it
 
     @property
     def cells(self) -> list[Cell]:
@@ -180,8 +176,14 @@ class Plan:
         """(overrides shared by the cell's jobs of a stage, this job's own); a job's config is
         `compose_config([*cell, *own])`. The job's own come last, so they win over the cell's."""
         entry = self.methods[cell.method]
-        cell_overrides = [*self.shared, f"method={entry.config_name}", *entry.overrides, f"dataset={cell.task}",
-                          f"protocol={stage}", *task_overrides(self.sweep, cell.task)]
+        cell_overrides = [
+            *self.shared,
+            f"method={entry.config_name}",
+            *entry.overrides,
+            f"dataset={cell.task}",
+            f"protocol={stage}",
+            *task_overrides(self.sweep, cell.task),
+        ]
         if entry.label != entry.config_name:
             cell_overrides.append(f"++method.label={entry.label}")
         return cell_overrides, [f"seed={seed}", *point]
@@ -199,6 +201,13 @@ class Plan:
         return [self._job("final", cell, chosen, seed) for seed in self.seeds]
 
     def describe(self) -> dict[str, Any]:
-        return {"experiment": self.name, "backbone": self.backbone, "tasks": self.tasks, "methods": {k: vars(e) for k, e in self.methods.items()},
-                "seeds": self.seeds, "tune_seed": self.tune_seed, "sweep": self.sweep,
-                "shared_overrides": self.shared}
+        return {
+            "experiment": self.name,
+            "backbone": self.backbone,
+            "tasks": self.tasks,
+            "methods": {k: vars(e) for k, e in self.methods.items()},
+            "seeds": self.seeds,
+            "tune_seed": self.tune_seed,
+            "sweep": self.sweep,
+            "shared_overrides": self.shared,
+        }

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from san.atomic import atomic_write_bytes
 from san.errors import UserError
 from san.protocol.grid import Point
-from san.records import atomic_write_bytes, read_record
+from san.records import read_record
 
 TIE_BREAK = "highest val_top1, then lowest val_loss, then the earlier grid point"
 
@@ -42,8 +43,7 @@ def validation_view(record: dict[str, Any], path: Path | str) -> dict[str, float
         )
     metrics = record.get("metrics", {})
     rows = [metrics.get("final", {}), *metrics.get("per_epoch", [])]
-    leaked = sorted({key for row in rows for key in row if "test" in key} |
-                    {key for key in metrics if "test" in key})
+    leaked = sorted({key for row in rows for key in row if "test" in key} | {key for key in metrics if "test" in key})
     if leaked:
         raise LeakedTestMetricError(f"{path}: a tune record carries test metrics {leaked}; refusing to select")
     final = metrics["final"]
@@ -58,8 +58,11 @@ class Candidate:
 
 
 def _candidate_row(candidate: Candidate) -> dict[str, Any]:
-    row: dict[str, Any] = {"order": candidate.order, "overrides": list(candidate.point),
-                           "record": str(candidate.record_path)}
+    row: dict[str, Any] = {
+        "order": candidate.order,
+        "overrides": list(candidate.point),
+        "record": str(candidate.record_path),
+    }
     if not candidate.record_path.is_file():
         return {**row, "status": "missing"}
     record = read_record(candidate.record_path)

@@ -17,8 +17,12 @@ from san.errors import UserError
 
 # The demo suite's test splits: scikit-learn's 1,797 digits less train800 + val200, and
 # the procedural tasks' generated test size.
-DEMO_TEST_SIZES = {"digits": 1797 - 1000, "shape_loc": PROCEDURAL_TEST_SIZE, "shape_ori": PROCEDURAL_TEST_SIZE,
-                   "object_count": PROCEDURAL_TEST_SIZE}
+DEMO_TEST_SIZES = {
+    "digits": 1797 - 1000,
+    "shape_loc": PROCEDURAL_TEST_SIZE,
+    "shape_ori": PROCEDURAL_TEST_SIZE,
+    "object_count": PROCEDURAL_TEST_SIZE,
+}
 VTAB_1K_SIZES = {**SPLIT_SIZES, "train800val200": sum(SPLIT_SIZES.values())}
 
 
@@ -41,7 +45,8 @@ def split_file_size(dataset: Mapping[str, Any], split: str) -> int:
         return DEMO_TEST_SIZES[dataset["folder"]]
     raise UnknownSplitSizeError(
         f"no stated size for split {split!r} of dataset {name!r} (suite {suite!r}); add `expected_counts` "
-        "to its dataset config, or its sizes to san/protocol/split_sizes.py")
+        "to its dataset config, or its sizes to san/protocol/split_sizes.py"
+    )
 
 
 def role_size(dataset: Mapping[str, Any], role: str) -> int:

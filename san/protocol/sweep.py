@@ -16,12 +16,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from san.atomic import atomic_write_bytes
 from san.protocol.costs import account
-from san.protocol.grid import grid_points
 from san.protocol.executors import Executor, Outcome, build_executor
+from san.protocol.grid import grid_points
 from san.protocol.plan import Cell, Job, Plan
 from san.protocol.selection import Candidate, SelectionError, select_cell, write_selection
-from san.records import atomic_write_bytes
 
 
 @dataclass
@@ -40,11 +40,22 @@ class SweepResult:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "experiment": self.plan.name, "backbone": self.plan.backbone, "seconds": round(self.seconds, 1),
+            "experiment": self.plan.name,
+            "backbone": self.plan.backbone,
+            "seconds": round(self.seconds, 1),
             "counts": self.counts(),
-            "failed": [{"stage": o.job.stage, "run": o.job.label(), "record": str(o.job.record_path),
-                        "error": o.error, "log": o.log}
-                       for outcomes in self.outcomes.values() for o in outcomes if o.status == "failed"],
+            "failed": [
+                {
+                    "stage": o.job.stage,
+                    "run": o.job.label(),
+                    "record": str(o.job.record_path),
+                    "error": o.error,
+                    "log": o.log,
+                }
+                for outcomes in self.outcomes.values()
+                for o in outcomes
+                if o.status == "failed"
+            ],
             "cells_without_selection": {c.label(): reason for c, reason in self.unselected.items()},
             "selections": {c.label(): s["chosen"]["overrides"] for c, s in self.selections.items()},
         }
@@ -54,8 +65,10 @@ class SweepResult:
         for stage, counts in self.counts().items():
             lines.append(f"  {stage}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
         for item in self.summary()["failed"]:
-            lines.append(f"  FAILED {item['run']}: {item['error']}\n         record: {item['record']}"
-                         + (f"\n         log: {item['log']}" if item["log"] else ""))
+            lines.append(
+                f"  FAILED {item['run']}: {item['error']}\n         record: {item['record']}"
+                + (f"\n         log: {item['log']}" if item["log"] else "")
+            )
         for cell, reason in self.unselected.items():
             lines.append(f"  NO SELECTION for {cell.label()}: {reason}")
         lines.append(f"  selections, logs and summary.json: {self.plan.sweep_dir}")

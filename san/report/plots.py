@@ -38,16 +38,25 @@ def accuracy_vs_params(table: SuiteTable, stem: Path) -> list[Path]:
                 continue
             x = max(params, ZERO_PARAMS_AT)
             published = row.source == "published"
-            axis.scatter([x], [accuracy], s=48, marker="o" if not published else "s",
-                         facecolors="none" if published else "C0", edgecolors="C1" if published else "C0", zorder=3)
+            axis.scatter(
+                [x],
+                [accuracy],
+                s=48,
+                marker="o" if not published else "s",
+                facecolors="none" if published else "C0",
+                edgecolors="C1" if published else "C0",
+                zorder=3,
+            )
             axis.annotate(row.label, (x, accuracy), textcoords="offset points", xytext=(4, 3), fontsize=7)
         axis.set_xscale("log")
         axis.set_xlabel("trainable params w/o head (M)")
         axis.set_ylabel(f"{column} top-1 (%)")
         axis.set_title(column)
         axis.grid(True, which="both", alpha=0.3)
-    figure.suptitle(f"{table.title} ({table.backbone}): filled = measured, hollow squares = published; "
-                    f"0 parameters drawn at {ZERO_PARAMS_AT:g}")
+    figure.suptitle(
+        f"{table.title} ({table.backbone}): filled = measured, hollow squares = published; "
+        f"0 parameters drawn at {ZERO_PARAMS_AT:g}"
+    )
     figure.tight_layout()
     return _save(figure, stem)
 

@@ -4,23 +4,30 @@ Two ways in: an experiment (`san-report experiment=vtab [backbone=...]`), whose 
 are found through its selection files, so the table holds exactly that experiment; or a
 whole runs directory (`san-report`), one table per suite x backbone, where two
 configurations in one cell are an error rather than an average.
+
+Every fact a table shows comes from the records (suite, group, task order, parameters,
+FLOPs, data variant; an experiment's task with no record yet is placed by its run config,
+as its records will be); the published numbers beside them ship with the package.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 import pandas as pd
-from omegaconf import OmegaConf
 
-from san.config import config_dir
-from san.report import plots, render
+from san.records import layout_facts
+from san.report import render
 from san.report.results import LoadedResults, load_final_results, load_results_dir
 from san.report.tables import SuiteTable, build_suite_table, efficiency_frame
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "results" / "reference"
+# A task whose records name no group (a dataset config without `group`) is in this one.
+NO_GROUP = "all"
 
 
 @dataclass
@@ -29,30 +36,46 @@ class TaskLayout:
     groups: dict[str, list[str]]
 
 
-def task_layout(tasks: list[str]) -> TaskLayout:
-    """Groups (natural / specialized / structured ...) in first-appearance order, from the dataset configs."""
+def listed_order(facts: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Every task the facts' `task_order` lists name, the longest list first (an experiment
+    lists a whole suite, a narrower one part of it in the same order)."""
+    orders = {tuple(fact["task_order"]) for fact in facts if isinstance(fact["task_order"], (list, tuple))}
+    return list(dict.fromkeys(task for order in sorted(orders, key=lambda o: (-len(o), o)) for task in order))
+
+
+def task_layout(facts: Iterable[Mapping[str, Any]]) -> TaskLayout:
+    """A table's columns from what its records say (`san.records.layout_facts`: task, group,
+    task_order): the tasks in `listed_order`, then tasks no list names, sorted; kept
+    together by group, groups in order of first appearance."""
+    facts = list(facts)
+    tasks = {fact["task"] for fact in facts}
+    listed = [task for task in listed_order(facts) if task in tasks]
+    group_of: dict[str, str] = {}
+    for fact in facts:
+        if isinstance(fact["group"], str):
+            group_of.setdefault(fact["task"], fact["group"])
     groups: dict[str, list[str]] = {}
-    for task in tasks:
-        group = OmegaConf.load(Path(config_dir(), "dataset", f"{task}.yaml")).get("group") or "all"
-        groups.setdefault(group, []).append(task)
-    ordered = [t for members in groups.values() for t in members]
-    return TaskLayout(ordered, groups)
+    for task in listed + sorted(tasks - set(listed)):
+        groups.setdefault(group_of.get(task, NO_GROUP), []).append(task)
+    return TaskLayout([task for members in groups.values() for task in members], groups)
 
 
-def suite_tasks(suite: str, present: list[str]) -> list[str]:
-    """A suite's task order: the experiment of the same name lists it (vtab, fgvc, demo)."""
-    experiment = Path(config_dir(), "experiment", f"{suite}.yaml")
-    listed = list(OmegaConf.load(experiment).plan.tasks) if experiment.is_file() else []
-    return listed + sorted(set(present) - set(listed))
+def _recorded_facts(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return frame[["task", "group", "task_order"]].to_dict("records")
 
 
-def published_reference(suite: str, backbone: str, reference_dir: Path = REFERENCE_DIR) -> tuple[pd.DataFrame | None, str]:
-    sources = reference_dir / "sources.json"
+def published_reference(
+    suite: str, backbone: str, reference_dir: Path | None = None
+) -> tuple[pd.DataFrame | None, str]:
+    """The published numbers for a suite x backbone, with their source: from `reference_dir`
+    when given, else from the files shipped in the package (san/report/reference)."""
+    root = Path(reference_dir) if reference_dir else resources.files("san") / "report" / "reference"
+    sources = root / "sources.json"
     if not sources.is_file():
         return None, ""
     for entry in json.loads(sources.read_text())["files"]:
         if entry["suite"] == suite and entry["backbone"] == backbone:
-            frame = pd.read_csv(reference_dir / entry["file"], comment="#")
+            frame = pd.read_csv(io.StringIO((root / entry["file"]).read_text()), comment="#")
             return frame, f"{entry['source']} ({entry['file']}; {entry['params_note']})"
     return None, ""
 
@@ -83,17 +106,29 @@ def add_bench_columns(efficiency: pd.DataFrame, backbone: str, bench_dir: Path |
     rows = {r["method"]: r for r in bench["rows"] if r["backbone"] == backbone and "input_size" in r}
     if not rows:
         return None
-    for key, column in (("inference_unmerged", "infer unmerged img/s (bench)"),
-                        ("inference_merged", "infer merged img/s (bench)"),
-                        ("inference_plain", "infer plain img/s (bench)")):
+    for key, column in (
+        ("inference_unmerged", "infer unmerged img/s (bench)"),
+        ("inference_merged", "infer merged img/s (bench)"),
+        ("inference_plain", "infer plain img/s (bench)"),
+    ):
         efficiency[column] = [rows.get(m, {}).get(key) for m in efficiency.index]
     sizes = sorted({r["input_size"] for r in rows.values()})
-    return (f"inference columns marked (bench) from {path} ({bench['device']}, batch {bench['batch_size']}, "
-            f"{'/'.join(map(str, sizes))} px)")
+    return (
+        f"inference columns marked (bench) from {path} ({bench['device']}, batch {bench['batch_size']}, "
+        f"{'/'.join(map(str, sizes))} px)"
+    )
 
 
-def write_table(table: SuiteTable, stem: Path, output: ReportOutput, fill_hint: str, flops: dict | None,
-                frame: pd.DataFrame, with_plots: bool = True, bench_dir: Path | None = None) -> None:
+def write_table(
+    table: SuiteTable,
+    stem: Path,
+    output: ReportOutput,
+    fill_hint: str,
+    flops: dict | None,
+    frame: pd.DataFrame,
+    with_plots: bool = True,
+    bench_dir: Path | None = None,
+) -> None:
     _write(stem.with_suffix(".md"), render.to_markdown(table), output)
     _write(stem.with_suffix(".tex"), render.to_latex(table), output)
     _write(stem.with_suffix(".csv"), render.to_csv(table), output)
@@ -105,17 +140,23 @@ def write_table(table: SuiteTable, stem: Path, output: ReportOutput, fill_hint: 
     _write(efficiency_stem.with_suffix(".tex"), render.frame_to_latex(efficiency, title), output)
     _write(efficiency_stem.with_suffix(".csv"), efficiency.to_csv(float_format="%.6g"), output)
     if with_plots:
+        from san.report import plots  # matplotlib: imported only when plots are asked for
+
         output.files += plots.accuracy_vs_params(table, stem.with_name(stem.name + "_accuracy_vs_params"))
         output.files += plots.per_task_bars(table, stem.with_name(stem.name + "_per_task"))
     output.tables.append(table)
     measured = [r for r in table.rows if r.source == "measured"]
     cells = len(measured) * len(table.tasks)
     seeds = sorted({c.seeds for r in measured for t, c in r.cells.items() if t in table.tasks and c.seeds})
-    output.console.append(f"{table.title} ({table.backbone}): {cells - len(table.missing)}/{cells} cells complete, "
-                          f"seeds per cell {seeds or '-'} -> {stem}.md")
+    output.console.append(
+        f"{table.title} ({table.backbone}): {cells - len(table.missing)}/{cells} cells complete, "
+        f"seeds per cell {seeds or '-'} -> {stem}.md"
+    )
     if not frame.empty:
         variants = frame.groupby("data_variant").size()
-        output.console.append("  data: " + ", ".join(f"{variant} ({count} records)" for variant, count in variants.items()))
+        output.console.append(
+            "  data: " + ", ".join(f"{variant} ({count} records)" for variant, count in variants.items())
+        )
     for method, task in table.missing:
         output.console.append(f"  missing {method} x {task}: {fill_hint.format(method=method, task=task)}")
 
@@ -128,24 +169,55 @@ def _flops(frame: pd.DataFrame) -> dict[str, float]:
     return {method: float(rows["forward_flops_per_image"].mean()) for method, rows in counted.groupby("method")}
 
 
-def report_runs_dir(runs_dir: Path, out_dir: Path, with_flops: bool = True, with_plots: bool = True) -> ReportOutput:
+def report_runs_dir(
+    runs_dir: Path, out_dir: Path, with_flops: bool = True, with_plots: bool = True, reference_dir: Path | None = None
+) -> ReportOutput:
     loaded = load_results_dir(runs_dir)
     output = ReportOutput()
     output.console.append(f"{len(loaded.frame)} final records; skipped: {loaded.skipped_text()}")
     for (suite, backbone), frame in loaded.frame.groupby(["suite", "backbone"]):
-        layout = task_layout(suite_tasks(suite, sorted(frame.task.unique())))
-        published, source = published_reference(suite, backbone)
-        table = build_suite_table(frame, title=suite, suite=suite, tasks=layout.tasks, groups=layout.groups,
-                                  published=published, published_source=source)
-        write_table(table, out_dir / f"{suite}_{backbone}", output,
-                    f"san-sweep experiment={suite} backbone={backbone} method={{method}} dataset={{task}}",
-                    _flops(frame) if with_flops else None, frame, with_plots, Path(runs_dir).parent / "bench")
+        layout = task_layout(_recorded_facts(frame))
+        published, source = published_reference(suite, backbone, reference_dir)
+        table = build_suite_table(
+            frame,
+            title=suite,
+            suite=suite,
+            tasks=layout.tasks,
+            groups=layout.groups,
+            published=published,
+            published_source=source,
+        )
+        # A runs directory knows a task only from its records: one its experiment lists but
+        # no record is of has no column (nor a group), so say that the means leave it out.
+        unrecorded = [task for task in listed_order(_recorded_facts(frame)) if task not in layout.tasks]
+        if unrecorded:
+            note = (
+                f"No record of {', '.join(unrecorded)} (listed by the records' experiment): "
+                f"the means cover the {len(layout.tasks)} tasks shown."
+            )
+            table.footnotes.append(note)
+            output.console.append(f"  {suite} ({backbone}): {note}")
+        write_table(
+            table,
+            out_dir / f"{suite}_{backbone}",
+            output,
+            f"san-sweep experiment={suite} backbone={backbone} method={{method}} dataset={{task}}",
+            _flops(frame) if with_flops else None,
+            frame,
+            with_plots,
+            Path(runs_dir).parent / "bench",
+        )
     return output
 
 
-def report_experiment(overrides: list[str], out_dir: Path | None = None, with_flops: bool = True,
-                      with_plots: bool = True) -> ReportOutput:
-    from san.protocol.plan import Plan  # composes configs; not needed for a runs-directory report
+def report_experiment(
+    overrides: list[str],
+    out_dir: Path | None = None,
+    with_flops: bool = True,
+    with_plots: bool = True,
+    reference_dir: Path | None = None,
+) -> ReportOutput:
+    from san.protocol.plan import Cell, Plan  # composes configs; not needed for a runs-directory report
     from san.protocol.selection import read_chosen_point
 
     plan = Plan(overrides)
@@ -160,18 +232,43 @@ def report_experiment(overrides: list[str], out_dir: Path | None = None, with_fl
         record_paths += [seed_dir.parent / f"seed{seed}" / "record.json" for seed in plan.seeds]
     loaded: LoadedResults = load_final_results([p for p in record_paths if p.is_file()])
     output = ReportOutput()
-    output.console.append(f"{plan.name} on {plan.backbone}: {len(loaded.frame)} final records of "
-                          f"{len(plan.cells) * len(plan.seeds)} expected; skipped: {loaded.skipped_text()}")
+    output.console.append(
+        f"{plan.name} on {plan.backbone}: {len(loaded.frame)} final records of "
+        f"{len(plan.cells) * len(plan.seeds)} expected; skipped: {loaded.skipped_text()}"
+    )
     if unselected:
         output.console.append(f"  {len(unselected)} cell(s) have no selection yet (tune stage incomplete)")
-    layout = task_layout(plan.tasks)
+    # A task with no record yet still gets its (missing) column, so no mean covers fewer tasks
+    # than the experiment has; its place is what its records will say (from its run config).
+    recorded, first_method = set(loaded.frame.task), next(iter(plan.methods))
+    pending = [
+        layout_facts(plan.tune_jobs(Cell(plan.backbone, first_method, task))[0].config)
+        for task in plan.tasks
+        if task not in recorded
+    ]
+    layout = task_layout(_recorded_facts(loaded.frame) + pending)
     suites = sorted(loaded.frame.suite.unique()) or ["-"]
-    published, source = published_reference(suites[0], plan.backbone) if len(suites) == 1 else (None, "")
-    table = build_suite_table(loaded.frame, title=plan.name, suite=suites[0], tasks=layout.tasks, groups=layout.groups,
-                              methods=list(plan.methods), published=published, published_source=source)
+    published, source = published_reference(suites[0], plan.backbone, reference_dir) if len(suites) == 1 else (None, "")
+    table = build_suite_table(
+        loaded.frame,
+        title=plan.name,
+        suite=suites[0],
+        tasks=layout.tasks,
+        groups=layout.groups,
+        methods=list(plan.methods),
+        published=published,
+        published_source=source,
+    )
     table.backbone = plan.backbone
     hint = f"san-sweep experiment={plan.name} backbone={plan.backbone} method={{method}} dataset={{task}}"
-    write_table(table, out_dir / f"{plan.name}_{plan.backbone}", output, hint,
-                _flops(loaded.frame) if with_flops and not loaded.frame.empty else None, loaded.frame, with_plots,
-                plan.results_dir / "bench")
+    write_table(
+        table,
+        out_dir / f"{plan.name}_{plan.backbone}",
+        output,
+        hint,
+        _flops(loaded.frame) if with_flops and not loaded.frame.empty else None,
+        loaded.frame,
+        with_plots,
+        plan.results_dir / "bench",
+    )
     return output

@@ -17,9 +17,28 @@ import pandas as pd
 from san.errors import UserError
 from san.records import SCHEMA_VERSION, find_records, read_record
 
-COLUMNS = ["suite", "task", "group", "backbone", "method", "seed", "identity", "top1", "params_without_head",
-           "params_trainable", "train_images_per_s", "eval_images_per_s", "peak_mem_bytes", "peak_mem_kind",
-           "device", "forward_flops_per_image", "train_flops_per_image", "data_variant", "path"]
+COLUMNS = [
+    "suite",
+    "task",
+    "group",
+    "backbone",
+    "method",
+    "seed",
+    "identity",
+    "top1",
+    "params_without_head",
+    "params_trainable",
+    "train_images_per_s",
+    "eval_images_per_s",
+    "peak_mem_bytes",
+    "peak_mem_kind",
+    "device",
+    "forward_flops_per_image",
+    "train_flops_per_image",
+    "data_variant",
+    "task_order",
+    "path",
+]
 
 
 class ReportError(UserError, RuntimeError):
@@ -39,23 +58,41 @@ class LoadedResults:
         return ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
 
 
+def _task_order(record: dict) -> tuple[str, ...] | None:
+    """The task order of the run's experiment (the report's columns). Older records, from
+    before the field, carry the same list in their config's plan node; a run outside an
+    experiment has none."""
+    order = record.get("task_order")
+    if order is None:
+        order = ((record.get("config") or {}).get("plan") or {}).get("tasks")
+    return tuple(order) if order else None
+
+
 def _row(record: dict, path: Path) -> dict:
     metric = f"{record['splits']['evaluate']}_top1"
     cost = record.get("cost", {})
     return {
-        "suite": record["suite"], "task": record["task"], "group": record.get("group"),
-        "backbone": record["backbone"]["name"], "method": record["method"]["name"], "seed": record["seed"],
-        "identity": record["identity"], "top1": record["metrics"]["final"][metric],
+        "suite": record["suite"],
+        "task": record["task"],
+        "group": record.get("group"),
+        "backbone": record["backbone"]["name"],
+        "method": record["method"]["name"],
+        "seed": record["seed"],
+        "identity": record["identity"],
+        "top1": record["metrics"]["final"][metric],
         "params_without_head": record["params"]["trainable_without_head"],
         "params_trainable": record["params"]["trainable"],
-        "train_images_per_s": cost.get("train_images_per_s"), "eval_images_per_s": cost.get("eval_images_per_s"),
-        "peak_mem_bytes": cost.get("peak_mem_bytes"), "peak_mem_kind": cost.get("peak_mem_kind"),
+        "train_images_per_s": cost.get("train_images_per_s"),
+        "eval_images_per_s": cost.get("eval_images_per_s"),
+        "peak_mem_bytes": cost.get("peak_mem_bytes"),
+        "peak_mem_kind": cost.get("peak_mem_kind"),
         "device": record.get("env", {}).get("device"),
         # counted at run time for this task's own model (records before schema 1.1 have none)
         "forward_flops_per_image": record.get("efficiency", {}).get("forward_flops_per_image"),
         "train_flops_per_image": record.get("efficiency", {}).get("train_flops_per_image"),
         # png_lossless / jpeg_noah / external:<layout>: which copy of the data the run read
         "data_variant": (record.get("data") or {}).get("variant") or "unrecorded",
+        "task_order": _task_order(record),
         "path": str(path),
     }
 

@@ -30,7 +30,7 @@ class MixedBackbonesError(ReportError):
 
 
 @dataclass
-class Cell:
+class Score:
     mean: float | None = None
     std: float | None = None
     seeds: int = 0
@@ -44,7 +44,7 @@ class Cell:
 class Row:
     method: str
     source: str  # "measured" or "published"
-    cells: dict[str, Cell]
+    cells: dict[str, Score]
     note: str = ""
 
     @property
@@ -87,43 +87,51 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(values) / len(values)
 
 
-def _summaries(cells: dict[str, Cell], tasks: list[str], groups: dict[str, list[str]]) -> dict[str, Cell]:
+def _summaries(cells: dict[str, Score], tasks: list[str], groups: dict[str, list[str]]) -> dict[str, Score]:
     per_task = [cells[t].mean for t in tasks]
-    out = {MEAN_ALL: Cell(_mean(per_task))}
+    out = {MEAN_ALL: Score(_mean(per_task))}
     if len(groups) > 1:
         group_means = {name: _mean([cells[t].mean for t in members]) for name, members in groups.items()}
-        out.update({name.capitalize(): Cell(value) for name, value in group_means.items()})
-        out[MEAN_OF_GROUPS] = Cell(_mean(list(group_means.values())))
+        out.update({name.capitalize(): Score(value) for name, value in group_means.items()})
+        out[MEAN_OF_GROUPS] = Score(_mean(list(group_means.values())))
     return out
 
 
 def measured_row(frame: pd.DataFrame, method: str, tasks: list[str], groups: dict[str, list[str]]) -> Row:
     rows = frame[frame.method == method]
-    cells: dict[str, Cell] = {}
+    cells: dict[str, Score] = {}
     for task in tasks:
         values = rows[rows.task == task]["top1"].astype(float).tolist()
         if values:
             std = pd.Series(values).std(ddof=1) if len(values) > 1 else None
-            cells[task] = Cell(sum(values) / len(values), std, len(values))
+            cells[task] = Score(sum(values) / len(values), std, len(values))
         else:
-            cells[task] = Cell()
+            cells[task] = Score()
     cells.update(_summaries(cells, tasks, groups))
     params = rows["params_without_head"].dropna()
-    cells[PARAMS] = Cell(float(params.iloc[0]) / 1e6 if not params.empty else None)
+    cells[PARAMS] = Score(float(params.iloc[0]) / 1e6 if not params.empty else None)
     return Row(method, "measured", cells)
 
 
 def published_row(reference: pd.Series, tasks: list[str], groups: dict[str, list[str]], source: str) -> Row:
-    cells = {t: Cell(float(reference[t]) if t in reference and not pd.isna(reference[t]) else None) for t in tasks}
+    cells = {t: Score(float(reference[t]) if t in reference and not pd.isna(reference[t]) else None) for t in tasks}
     cells.update(_summaries(cells, tasks, groups))
     params = reference.get("params_m")
-    cells[PARAMS] = Cell(float(params) if params is not None and not pd.isna(params) else None)
+    cells[PARAMS] = Score(float(params) if params is not None and not pd.isna(params) else None)
     return Row(str(reference["method"]), "published", cells, note=source)
 
 
-def build_suite_table(frame: pd.DataFrame, *, title: str, suite: str, tasks: list[str], groups: dict[str, list[str]],
-                      methods: list[str] | None = None, published: pd.DataFrame | None = None,
-                      published_source: str = "") -> SuiteTable:
+def build_suite_table(
+    frame: pd.DataFrame,
+    *,
+    title: str,
+    suite: str,
+    tasks: list[str],
+    groups: dict[str, list[str]],
+    methods: list[str] | None = None,
+    published: pd.DataFrame | None = None,
+    published_source: str = "",
+) -> SuiteTable:
     """`frame`: final results of one backbone on one suite (see results.load_final_results)."""
     backbones = sorted(frame.backbone.unique()) if not frame.empty else []
     if len(backbones) > 1:
@@ -131,7 +139,9 @@ def build_suite_table(frame: pd.DataFrame, *, title: str, suite: str, tasks: lis
     backbone = backbones[0] if backbones else "-"
     methods = methods or sorted(frame.method.unique())
     rows: list[Row] = []
-    published_by_method = {} if published is None else {str(m): r for m, r in published.set_index("method", drop=False).iterrows()}
+    published_by_method = (
+        {} if published is None else {str(m): r for m, r in published.set_index("method", drop=False).iterrows()}
+    )
     for method in methods:
         row = measured_row(frame, method, tasks, groups)
         rows.append(row)
@@ -139,26 +149,34 @@ def build_suite_table(frame: pd.DataFrame, *, title: str, suite: str, tasks: lis
             reference = published_row(published_by_method[method], tasks, groups, published_source)
             rows.append(reference)
             mine, theirs = row.cells[MEAN_ALL].mean, reference.cells[MEAN_ALL].mean
-            row.cells[DELTA] = Cell(None if mine is None or theirs is None else mine - theirs)
+            row.cells[DELTA] = Score(None if mine is None or theirs is None else mine - theirs)
     for method, reference in published_by_method.items():
         if method not in methods:
             rows.append(published_row(reference, tasks, groups, published_source))
     for row in rows:
-        row.cells.setdefault(DELTA, Cell())
+        row.cells.setdefault(DELTA, Score())
     missing = [(r.method, t) for r in rows if r.source == "measured" for t in tasks if r.cells[t].missing]
     table = SuiteTable(title, suite, backbone, tasks, groups, rows, missing=missing)
-    seeds = sorted({c.seeds for r in rows if r.source == "measured" for t, c in r.cells.items() if t in tasks and c.seeds})
+    seeds = sorted(
+        {c.seeds for r in rows if r.source == "measured" for t, c in r.cells.items() if t in tasks and c.seeds}
+    )
     table.footnotes.append(
-        f"Test top-1 (%), last epoch, mean ± sample std over seeds (seeds per cell: {', '.join(map(str, seeds)) or '-'}); "
-        "summary columns are means of the per-task means and are blank when a task is missing. Bold: best measured value."
+        f"Test top-1 (%), last epoch, mean ± sample std over seeds (seeds per cell: "
+        f"{', '.join(map(str, seeds)) or '-'}); summary columns are means of the per-task means and are blank when a "
+        "task is missing. Bold: best measured value."
     )
     with_head = frame.groupby("method")["params_trainable"].mean() / 1e6 if not frame.empty else pd.Series(dtype=float)
     if not with_head.empty:
-        table.footnotes.append("Parameters without the head; with the head (mean over tasks): "
-                               + ", ".join(f"{m} {v:.3f} M" for m, v in with_head.items()) + ".")
+        table.footnotes.append(
+            "Parameters without the head; with the head (mean over tasks): "
+            + ", ".join(f"{m} {v:.3f} M" for m, v in with_head.items())
+            + "."
+        )
     if any(r.source == "published" for r in rows):
-        table.footnotes.append(f"Published rows: {published_source}. They are reference values, not measured here; "
-                               f"{DELTA} = measured mean - published mean.")
+        table.footnotes.append(
+            f"Published rows: {published_source}. They are reference values, not measured here; "
+            f"{DELTA} = measured mean - published mean."
+        )
     return table
 
 
@@ -167,21 +185,24 @@ def efficiency_frame(frame: pd.DataFrame, flops: dict[str, float] | None = None)
     if frame.empty:
         return pd.DataFrame()
     grouped = frame.groupby("method")
-    table = pd.DataFrame({
-        # mean over the method's tasks: a method's count can differ per task (VPT's prompt length)
-        "params without head (M)": grouped["params_without_head"].mean() / 1e6,
-        "train images/s": grouped["train_images_per_s"].mean(),
-        "eval images/s (unmerged)": grouped["eval_images_per_s"].mean(),
-        "peak memory (GiB)": grouped["peak_mem_bytes"].max() / 2**30,
-        "memory measured as": grouped["peak_mem_kind"].first(),
-        "device": grouped["device"].first(),
-        "data": grouped["data_variant"].agg(lambda variants: ", ".join(sorted(set(variants)))),
-    })
+    table = pd.DataFrame(
+        {
+            # mean over the method's tasks: a method's count can differ per task (VPT's prompt length)
+            "params without head (M)": grouped["params_without_head"].mean() / 1e6,
+            "train images/s": grouped["train_images_per_s"].mean(),
+            "eval images/s (unmerged)": grouped["eval_images_per_s"].mean(),
+            "peak memory (GiB)": grouped["peak_mem_bytes"].max() / 2**30,
+            "memory measured as": grouped["peak_mem_kind"].first(),
+            "device": grouped["device"].first(),
+            "data": grouped["data_variant"].agg(lambda variants: ", ".join(sorted(set(variants)))),
+        }
+    )
     spread = grouped["params_without_head"].agg(lambda counts: counts.max() - counts.min())
     if (spread > 0).any():
         low, high = grouped["params_without_head"].min() / 1e6, grouped["params_without_head"].max() / 1e6
-        table.insert(1, "params range over tasks (M)",
-                     [f"{low[m]:.3f}-{high[m]:.3f}" if spread[m] else "" for m in table.index])
+        table.insert(
+            1, "params range over tasks (M)", [f"{low[m]:.3f}-{high[m]:.3f}" if spread[m] else "" for m in table.index]
+        )
     if flops:
         table.insert(1, "GFLOPs / image", [flops.get(m, math.nan) / 1e9 for m in table.index])
     return table

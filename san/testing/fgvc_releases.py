@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from san.data.fgvc_sources import SPECS, FgvcSpec
 
-
 TINY = (10, 12)  # (width, height) of test images
 
 
@@ -46,15 +45,24 @@ def _tar(archive: Path, base: Path, members: list[str]) -> None:
             bundle.add(base / member, arcname=member)
 
 
-def cub_release(root: Path, classes: int = 4, train: int = 20, test: int = 8, seed: int = 0,
-                folder: str = "CUB_200_2011", class_ids: list[int] | None = None, size: tuple[int, int] = TINY) -> Path:
+def cub_release(
+    root: Path,
+    classes: int = 4,
+    train: int = 20,
+    test: int = 8,
+    seed: int = 0,
+    folder: str = "CUB_200_2011",
+    class_ids: list[int] | None = None,
+    size: tuple[int, int] = TINY,
+) -> Path:
     """CUB-200-2011's layout (NABirds uses the same tables, with its own class ids and folder)."""
     rng = np.random.default_rng(seed)
     base = root / folder
     ids = class_ids or list(range(1, classes + 1))
     images, labels, splits = [], [], []
-    for number, (c, split) in enumerate(tqdm(_layout(classes, train, test), desc=f"write {folder}",
-                                               disable=size == TINY), start=1):
+    for number, (c, split) in enumerate(
+        tqdm(_layout(classes, train, test), desc=f"write {folder}", disable=size == TINY), start=1
+    ):
         relative = f"{ids[c]:03d}.Bird_{ids[c]}/Bird_{ids[c]}_{number:04d}.jpg"
         _image(base / "images" / relative, c, rng, size)
         images.append(f"{number} {relative}")
@@ -66,12 +74,16 @@ def cub_release(root: Path, classes: int = 4, train: int = 20, test: int = 8, se
     return base
 
 
-def flowers_release(root: Path, classes: int = 4, train: int = 12, test: int = 16, seed: int = 0,
-                    size: tuple[int, int] = TINY) -> Path:
+def flowers_release(
+    root: Path, classes: int = 4, train: int = 12, test: int = 16, seed: int = 0, size: tuple[int, int] = TINY
+) -> Path:
     """Oxford Flowers 102: jpg/image_%05d.jpg, imagelabels.mat, setid.mat (train and val of `train` each)."""
     rng = np.random.default_rng(seed)
-    layout = [(i % classes, split) for split, count in (("trnid", train), ("valid", train), ("tstid", test))
-              for i in range(count)]
+    layout = [
+        (i % classes, split)
+        for split, count in (("trnid", train), ("valid", train), ("tstid", test))
+        for i in range(count)
+    ]
     order = rng.permutation(len(layout))  # the release's image ids are not grouped by split
     labels = np.zeros(len(layout), dtype=np.uint8)
     setid = {"trnid": [], "valid": [], "tstid": []}
@@ -85,8 +97,9 @@ def flowers_release(root: Path, classes: int = 4, train: int = 12, test: int = 1
     return root
 
 
-def dogs_release(root: Path, classes: int = 4, train: int = 20, test: int = 8, seed: int = 0,
-                 size: tuple[int, int] = TINY) -> Path:
+def dogs_release(
+    root: Path, classes: int = 4, train: int = 20, test: int = 8, seed: int = 0, size: tuple[int, int] = TINY
+) -> Path:
     """Stanford Dogs: Images/<synset>-<breed>/<synset>_<n>.jpg, train_list.mat / test_list.mat."""
     rng = np.random.default_rng(seed)
     lists: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
@@ -118,8 +131,9 @@ def _cars_annotations(entries: list[tuple[str, int]], with_class: bool) -> np.nd
     return table
 
 
-def cars_release(root: Path, classes: int = 4, train: int = 20, test: int = 8, seed: int = 0,
-                 size: tuple[int, int] = TINY) -> Path:
+def cars_release(
+    root: Path, classes: int = 4, train: int = 20, test: int = 8, seed: int = 0, size: tuple[int, int] = TINY
+) -> Path:
     """Stanford Cars: cars_train/, cars_test/, devkit/*.mat and cars_test_annos_withlabels.mat."""
     rng = np.random.default_rng(seed)
     entries: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
@@ -154,7 +168,9 @@ def pack_release(name: str, extracted: Path, downloads: Path) -> Path:
         for folder in ("cars_train", "cars_test"):
             _tar(downloads / f"{folder}.tgz", extracted, [folder])
         _tar(downloads / "car_devkit.tgz", extracted, ["devkit"])
-        (downloads / "cars_test_annos_withlabels.mat").write_bytes((extracted / "cars_test_annos_withlabels.mat").read_bytes())
+        (downloads / "cars_test_annos_withlabels.mat").write_bytes(
+            (extracted / "cars_test_annos_withlabels.mat").read_bytes()
+        )
     return downloads
 
 
@@ -164,22 +180,35 @@ NABIRDS_IDS = [295, 313, 817, 1010]  # NABirds' leaf classes are not numbered 1.
 RELEASE_FOLDERS = {"cub": "CUB_200_2011", "nabirds": "nabirds"}  # the folder a cub_txt archive unpacks to
 
 
-def write_release(spec: FgvcSpec, root: Path, classes: int, train: int, test: int, size: tuple[int, int] = TINY,
-                  class_ids: list[int] | None = None) -> Path:
+def write_release(
+    spec: FgvcSpec,
+    root: Path,
+    classes: int,
+    train: int,
+    test: int,
+    size: tuple[int, int] = TINY,
+    class_ids: list[int] | None = None,
+) -> Path:
     """An extracted release in `spec`'s official format under `root`; returns the folder to pass as --src."""
     root.mkdir(parents=True, exist_ok=True)
-    writers = {"cub_txt": lambda: cub_release(root, classes, train, test, folder=RELEASE_FOLDERS[spec.name],
-                                              class_ids=class_ids, size=size),
-               "flowers_mat": lambda: flowers_release(root, classes, train, test, size=size),
-               "dogs_mat": lambda: dogs_release(root, classes, train, test, size=size),
-               "cars_mat": lambda: cars_release(root, classes, train, test, size=size)}
+    writers = {
+        "cub_txt": lambda: cub_release(
+            root, classes, train, test, folder=RELEASE_FOLDERS[spec.name], class_ids=class_ids, size=size
+        ),
+        "flowers_mat": lambda: flowers_release(root, classes, train, test, size=size),
+        "dogs_mat": lambda: dogs_release(root, classes, train, test, size=size),
+        "cars_mat": lambda: cars_release(root, classes, train, test, size=size),
+    }
     return writers[spec.source_format]()
 
 
 def make_release(name: str, root: Path, classes: int = 4) -> tuple[Path, FgvcSpec]:
     """A tiny extracted release of `name` under `root`, and the spec scaled to its size."""
     train, test = 5 * classes, 2 * classes
-    path = write_release(SPECS[name], root, classes, train, test,
-                         class_ids=NABIRDS_IDS[:classes] if name == "nabirds" else None)
-    counts = {"train": train, "val": train, "test": test} if SPECS[name].official_val else {"train": train, "test": test}
+    path = write_release(
+        SPECS[name], root, classes, train, test, class_ids=NABIRDS_IDS[:classes] if name == "nabirds" else None
+    )
+    counts = (
+        {"train": train, "val": train, "test": test} if SPECS[name].official_val else {"train": train, "test": test}
+    )
     return path, replace(SPECS[name], num_classes=classes, official_counts=counts)

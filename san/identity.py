@@ -1,0 +1,109 @@
+"""A run's identity and its directory, from its resolved config alone.
+
+Planning (san.protocol), the runner (san.run) and tests all need these; none of them
+needs a model for it, so this module imports no torch: planning a sweep or finding a
+run's directory stays light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from san.data.errors import MissingDatasetError
+from san.data.manifest import data_fingerprint as folder_fingerprint
+from san.data.splits import task_dir
+from san.methods.registry import method_label
+
+# Settings that say where files are, how progress is shown, or how often the run pauses to
+# evaluate or checkpoint: never the result. Everything else in the identity groups is in the
+# identity (a new setting counts until it is listed here), and so is the data's content.
+_NOT_IDENTITY = {
+    # where the data is: the same data at another path is the same run (its content is
+    # fingerprinted below instead)
+    ("dataset", "root"),
+    ("dataset", "folder"),
+    ("dataset", "image_root"),
+    ("dataset", "prepare_command"),
+    ("dataset", "verify"),
+    ("dataset", "expected_counts"),
+    # where the weights are: their content is recorded as weights.sha256
+    ("backbone", "checkpoint_path"),
+    # how the run is carried out
+    ("trainer", "num_workers"),
+    ("trainer", "progress"),
+    ("trainer", "keep_checkpoint"),
+    ("trainer", "resume"),
+    ("trainer", "data_cache"),
+    ("trainer", "cache_device_budget"),
+    ("trainer", "compile"),
+    ("trainer", "device"),
+    ("trainer", "nan_check_every"),
+    ("trainer", "eval_every"),
+    ("trainer", "checkpoint_every_minutes"),
+    ("trainer", "checkpoint_every_epochs"),
+    # how results name a variant (it names the run directory); the settings it labels count
+    ("method", "label"),
+}
+_IDENTITY_GROUPS = ("backbone", "method", "dataset", "protocol", "trainer", "optim")
+_FINGERPRINTS: dict[tuple, dict[str, Any]] = {}
+
+
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    return container
+
+
+def data_fingerprint(dataset: dict[str, Any]) -> dict[str, Any]:
+    """What the data is, cheaply (san.data.manifest.data_fingerprint: the sha256 of each split
+    list, the variant, the tfds builder). Two copies of a task (a PNG export and a JPEG
+    release, another tfds version) differ here; the same copy moved to another path does not.
+    A folder that does not exist yet (a dry run before the data is prepared) is "missing"."""
+    try:
+        folder = task_dir(dataset)
+    except MissingDatasetError:
+        return {"lists_sha256": {}, "missing": True}
+    # Memoised on the list files' and manifest's (name, size, mtime): planning a sweep reads
+    # each task's lists once, not once per job.
+    key = (
+        str(folder),
+        tuple(
+            sorted(
+                (entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+                for entry in os.scandir(folder)
+                if entry.is_file() and entry.name.endswith((".txt", ".json"))
+            )
+        ),
+    )
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = folder_fingerprint(folder)
+    return _FINGERPRINTS[key]
+
+
+def identity(config: dict[str, Any]) -> str:
+    """Hash of everything that determines the result except the seed."""
+    subset: dict[str, Any] = {
+        group: {k: v for k, v in config[group].items() if (group, k) not in _NOT_IDENTITY} for group in _IDENTITY_GROUPS
+    }
+    subset["data"] = data_fingerprint(config["dataset"])
+    return hashlib.sha256(json.dumps(subset, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_dir_for(config: dict[str, Any]) -> Path:
+    """Derived from the configuration, so a re-run finds its own earlier result."""
+    return (
+        Path(config["paths"]["runs_dir"])
+        / config["dataset"]["suite"]
+        / config["dataset"]["name"]
+        / config["backbone"]["name"]
+        / method_label(config["method"])
+        / config["protocol"]["stage"]
+        / identity(config)
+        / f"seed{config['seed']}"
+    )
