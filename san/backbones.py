@@ -244,8 +244,23 @@ def _info(model: nn.Module, source: str, path: Path | None) -> WeightsInfo:
     )
 
 
-def data_config(model: nn.Module, input_size: int | None = None) -> Preprocessing:
-    """Mean/std/interpolation from the backbone's pretrained config; size from the config."""
+# backbone.normalize: which mean/std the inputs are normalised with.
+#   pretrained (default): the backbone's timm pretrained config (0.5/0.5 for the original ViT-B/16
+#     in21k checkpoint, ImageNet mean/std for most others), what the weights were trained with.
+#   imagenet: ImageNet mean/std (timm.data.IMAGENET_DEFAULT_MEAN/STD) whatever the backbone, as VPT
+#     (KMnP/vpt src/data/transforms.py) and NOAH normalised; for reproducing their rows exactly.
+NORMALIZATIONS = ("pretrained", "imagenet")
+
+
+def data_config(model: nn.Module, input_size: int | None = None, normalize: str = "pretrained") -> Preprocessing:
+    """Mean/std/interpolation from the backbone's pretrained config (or ImageNet's mean/std with
+    normalize="imagenet"); size from the config."""
     resolved = timm.data.resolve_model_data_config(model)
     size = input_size or resolved["input_size"][-1]
-    return Preprocessing(int(size), tuple(resolved["mean"]), tuple(resolved["std"]), resolved["interpolation"])
+    if normalize == "pretrained":
+        mean, std = tuple(resolved["mean"]), tuple(resolved["std"])
+    elif normalize == "imagenet":
+        mean, std = tuple(timm.data.IMAGENET_DEFAULT_MEAN), tuple(timm.data.IMAGENET_DEFAULT_STD)
+    else:
+        raise ConfigError(f"unknown backbone.normalize {normalize!r}; accepted: {list(NORMALIZATIONS)}")
+    return Preprocessing(int(size), mean, std, resolved["interpolation"])

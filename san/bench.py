@@ -88,7 +88,9 @@ def train_step_images_per_s(
     import tempfile
 
     adapted, _ = _build(config, device, channels_last)
-    preprocessing = data_config(adapted.model, config["backbone"]["input_size"])
+    preprocessing = data_config(
+        adapted.model, config["backbone"]["input_size"], config["backbone"].get("normalize", "pretrained")
+    )
     size = preprocessing.input_size
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (batch_size,), device=device)
@@ -165,7 +167,9 @@ def inference_images_per_s(model, device, batch_size, size, steps, warmup, preci
 def reference_pipeline_images_per_s(config, device, task_dir: Path, batch_size: int, steps: int, workers: int) -> float:
     """The usual research-code step: PIL decode + resize per step in DataLoader workers, float32."""
     adapted, _ = _build(config, device, channels_last=False)
-    preprocessing = data_config(adapted.model, config["backbone"]["input_size"])
+    preprocessing = data_config(
+        adapted.model, config["backbone"]["input_size"], config["backbone"].get("normalize", "pretrained")
+    )
     dataset = {
         "name": task_dir.name,
         "format": "vtab_folder",

@@ -120,8 +120,9 @@ def _run_locked(config: dict[str, Any], run_dir: Path) -> Path:
         adapted = build_method_from_config(model, config["method"])
         record["method"]["config"] = adapted.config.to_dict()
         record["params"] = adapted.parameter_counts()
-        preprocessing = data_config(model, config["backbone"]["input_size"])
-        record["preprocessing"] = preprocessing.to_dict()
+        normalize = config["backbone"].get("normalize", "pretrained")
+        preprocessing = data_config(model, config["backbone"]["input_size"], normalize)
+        record["preprocessing"] = {**preprocessing.to_dict(), "normalize": normalize}
 
         record["dataset_check"] = check_dataset(dataset)
         trainer_cfg = config["trainer"]
@@ -161,6 +162,9 @@ def _run_locked(config: dict[str, Any], run_dir: Path) -> Path:
             "device": device_description(trainer.device),
             "precision": str(trainer.autocast_dtype or "float32"),
         }
+        # What ran: the optimizer with its lr after optim.lr_scaling, and the lr schedule.
+        record["optim_effective"] = trainer.optim_effective
+        record["schedule"] = trainer.schedule
         outcome = trainer.fit(fit_loader, eval_loader, protocol["evaluate"], on_epoch=logger.log_epoch)
 
         metric = f"{protocol['evaluate']}_top1"

@@ -1,6 +1,7 @@
 """The one training loop every method shares.
 
-AdamW with per-group weight decay, linear warmup then cosine decay per step, bf16
+AdamW or SGD (optim.name) with per-group weight decay, linear warmup then cosine decay (per step
+by default; timm's and VPT's per-epoch schedules as options, optim.schedule), bf16
 autocast on GPU (fp16 with a gradient scaler where bf16 is not native), optional gradient
 clipping, evaluation at the end (and every `eval_every` epochs when a curve is asked for),
 and checkpoints of the trainable tensors at epoch ends every few minutes of work and on
@@ -129,8 +130,93 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def build_optimizer(adapted: AdaptedModel, optim: Mapping[str, Any], device: torch.device) -> torch.optim.AdamW:
-    exempt = adapted.no_weight_decay_ids()
+# optim.schedule: how the learning rate moves (configs/optim/adamw.yaml says which is default and why).
+#   cosine_per_step:       linear warmup from 0 over `warmup_epochs` then cosine down to `min_lr`,
+#                          updated every step; `cooldown_epochs` at min_lr at the end (this suite's default).
+#   timm_cosine_per_epoch: timm's CosineLRScheduler as SSF's train.py runs it (t_in_epochs=True: one
+#                          value per epoch; warmup from `warmup_lr` over `warmup_epochs`, then the cosine
+#                          over t_initial = epochs - cooldown_epochs counted from epoch 0 (warmup_prefix
+#                          False), so it resumes at cos(pi * warmup/t_initial); `min_lr` in the cooldown).
+#   vpt_cosine_per_epoch:  VPT's WarmupCosineSchedule (KMnP/vpt src/solver/lr_scheduler.py), stepped once
+#                          per epoch (src/engine/trainer.py): lr * e/warmup in warmup (epoch 0 at lr 0),
+#                          then lr * 0.5 (1 + cos(pi (e - warmup) / (epochs - warmup))), floored at min_lr.
+SCHEDULES = ("cosine_per_step", "timm_cosine_per_epoch", "vpt_cosine_per_epoch")
+
+
+def scheduled_lr(step: int, steps_per_epoch: int, epochs: int, base_lr: float, optim: Mapping[str, Any]) -> float:
+    """The learning rate of optimisation step `step` (0-based) under `optim.schedule`."""
+    schedule = optim.get("schedule", "cosine_per_step")
+    warmup_epochs = optim["warmup_epochs"]
+    cooldown_epochs = optim.get("cooldown_epochs", 0)
+    min_lr = optim["min_lr"]
+    if schedule == "cosine_per_step":
+        decay_steps = (epochs - cooldown_epochs) * steps_per_epoch
+        return base_lr * lr_multiplier(step, decay_steps, warmup_epochs * steps_per_epoch, min_lr / base_lr)
+    epoch = step // steps_per_epoch
+    t_initial = epochs - cooldown_epochs
+    if schedule == "timm_cosine_per_epoch":
+        warmup_lr = optim.get("warmup_lr", 0.0)
+        if epoch < warmup_epochs:
+            return warmup_lr + epoch * (base_lr - warmup_lr) / warmup_epochs
+        if epoch >= t_initial:
+            return min_lr
+        return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * epoch / t_initial))
+    if schedule == "vpt_cosine_per_epoch":
+        if epoch < warmup_epochs:
+            return base_lr * epoch / warmup_epochs
+        progress = min(1.0, (epoch - warmup_epochs) / max(1, t_initial - warmup_epochs))
+        return max(min_lr, base_lr * 0.5 * (1 + math.cos(math.pi * progress)))
+    raise ValueError(f"unknown optim.schedule {schedule!r}; accepted: {list(SCHEDULES)}")
+
+
+# optim.lr_scaling: `none` uses optim.lr as given; `batch_over_256` uses optim.lr * batch_size / 256
+# (VPT's tune_vtab.py: `lr = lr / 256 * cfg.DATA.BATCH_SIZE`).
+LR_SCALINGS = ("none", "batch_over_256")
+
+
+def effective_lr(optim: Mapping[str, Any], batch_size: int | None) -> float:
+    scaling = optim.get("lr_scaling", "none")
+    if scaling == "none":
+        return float(optim["lr"])
+    if scaling == "batch_over_256":
+        if batch_size is None:
+            raise ValueError("optim.lr_scaling=batch_over_256 needs the training batch size")
+        return float(optim["lr"]) * batch_size / 256
+    raise ValueError(f"unknown optim.lr_scaling {scaling!r}; accepted: {list(LR_SCALINGS)}")
+
+
+# optim.weight_decay_exempt: which trainable tensors get no weight decay.
+#   method:    the method's `no_weight_decay_ids()` (1-D tensors, scales, shifts, prompts, the backbone's
+#              own no_weight_decay set); this suite's AdamW default.
+#   head_bias: only the classifier's bias, as VPT's src/solver/optimizer.py ("last_layer.bias" gets
+#              weight_decay 0; prompts, biases and the head weight are decayed).
+#   none:      every trainable tensor is decayed.
+WEIGHT_DECAY_EXEMPTIONS = ("method", "head_bias", "none")
+
+
+def weight_decay_exempt_ids(adapted: AdaptedModel, optim: Mapping[str, Any]) -> set[int]:
+    rule = optim.get("weight_decay_exempt", "method")
+    if rule == "method":
+        return adapted.no_weight_decay_ids()
+    if rule == "head_bias":
+        return {id(p) for p in adapted.head.parameters() if p.ndim == 1}
+    if rule == "none":
+        return set()
+    raise ValueError(f"unknown optim.weight_decay_exempt {rule!r}; accepted: {list(WEIGHT_DECAY_EXEMPTIONS)}")
+
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def build_optimizer(
+    adapted: AdaptedModel, optim: Mapping[str, Any], device: torch.device, batch_size: int | None = None
+) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay) or SGD with momentum (L2 weight decay, torch.optim.SGD as VPT),
+    one group of decayed tensors and one of exempt ones (`optim.weight_decay_exempt`)."""
+    name = optim.get("name", "adamw")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optim.name {name!r}; accepted: {list(OPTIMIZERS)}")
+    exempt = weight_decay_exempt_ids(adapted, optim)
     trainable = [p for _, p in adapted.named_trainable_parameters()]
     if not trainable:
         raise ValueError(f"method {adapted.method_name!r} left no parameter trainable")
@@ -138,13 +224,54 @@ def build_optimizer(adapted: AdaptedModel, optim: Mapping[str, Any], device: tor
         {"params": [p for p in trainable if id(p) not in exempt], "weight_decay": optim["weight_decay"]},
         {"params": [p for p in trainable if id(p) in exempt], "weight_decay": 0.0},
     ]
+    groups = [g for g in groups if g["params"]]
+    lr = effective_lr(optim, batch_size)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=optim.get("momentum", 0.9), nesterov=False)
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
-        lr=optim["lr"],
+        groups,
+        lr=lr,
         betas=tuple(optim["betas"]),
         eps=optim["eps"],
         fused=device.type == "cuda",
     )
+
+
+def optim_summary(optimizer: torch.optim.Optimizer, optim: Mapping[str, Any], batch_size: int) -> dict[str, Any]:
+    """What ran, for the record: the optimizer, the lr after scaling, and the decay groups."""
+    decayed, exempt = 0, 0
+    for group in optimizer.param_groups:
+        count = sum(p.numel() for p in group["params"])
+        if group["weight_decay"]:
+            decayed += count
+        else:
+            exempt += count
+    return {
+        "name": optim.get("name", "adamw"),
+        "class": type(optimizer).__name__,
+        "lr": effective_lr(optim, batch_size),
+        "base_lr": float(optim["lr"]),
+        "lr_scaling": optim.get("lr_scaling", "none"),
+        "batch_size": batch_size,
+        "weight_decay": optim["weight_decay"],
+        "weight_decay_exempt": optim.get("weight_decay_exempt", "method"),
+        "decayed_parameters": decayed,
+        "exempt_parameters": exempt,
+        "momentum": optim.get("momentum", 0.9) if optim.get("name", "adamw") == "sgd" else None,
+    }
+
+
+def schedule_summary(optim: Mapping[str, Any], epochs: int) -> dict[str, Any]:
+    schedule = optim.get("schedule", "cosine_per_step")
+    return {
+        "name": schedule,
+        "updates": "per_step" if schedule == "cosine_per_step" else "per_epoch",
+        "epochs": epochs,
+        "warmup_epochs": optim["warmup_epochs"],
+        "cooldown_epochs": optim.get("cooldown_epochs", 0),
+        "warmup_lr": optim.get("warmup_lr", 0.0) if schedule == "timm_cosine_per_epoch" else 0.0,
+        "min_lr": optim["min_lr"],
+    }
 
 
 def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
@@ -193,7 +320,12 @@ class Trainer:
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(preprocessing.mean, device=self.device).view(shape) * 255
         self.std = torch.tensor(preprocessing.std, device=self.device).view(shape) * 255
-        self.optimizer = build_optimizer(adapted, optim, self.device)
+        self.optimizer = build_optimizer(adapted, optim, self.device, trainer["batch_size"])
+        # The lr after optim.lr_scaling, and the schedule: both go into the record (san.run).
+        self.base_lr = effective_lr(optim, trainer["batch_size"])
+        self.optim_effective = optim_summary(self.optimizer, optim, trainer["batch_size"])
+        self.schedule = schedule_summary(optim, trainer["epochs"])
+        scheduled_lr(0, 1, trainer["epochs"], self.base_lr, optim)  # an unknown optim.schedule fails here
         # fp16 has too narrow a range for small gradients: scale the loss (bf16 and fp32 need none).
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         # torch.compile traces the adapted model once per run; worth it for long runs on a GPU.
@@ -216,9 +348,8 @@ class Trainer:
         images = images.to(self.device, non_blocking=True).float()
         return ((images - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
-    def _set_lr(self, step: int, decay_steps: int, warmup: int) -> float:
-        min_ratio = self.optim_cfg["min_lr"] / self.optim_cfg["lr"]
-        lr = self.optim_cfg["lr"] * lr_multiplier(step, decay_steps, warmup, min_ratio)
+    def _set_lr(self, step: int, steps_per_epoch: int) -> float:
+        lr = scheduled_lr(step, steps_per_epoch, self.cfg["epochs"], self.base_lr, self.optim_cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -370,7 +501,7 @@ class Trainer:
         with _sigterm_flag() as terminated:
             last_checkpoint = time.monotonic()
             for epoch in range(start_epoch, epochs):
-                row = self._fit_epoch(epoch, epochs, steps_per_epoch, decay_steps, warmup_steps, fit_loader, outcome)
+                row = self._fit_epoch(epoch, epochs, steps_per_epoch, fit_loader, outcome)
                 last = epoch + 1 == epochs
                 # By default only the last epoch is evaluated: the test split is read once by a final
                 # run. eval_every > 0 adds a curve (tune runs: val only; see configs/trainer).
@@ -402,8 +533,6 @@ class Trainer:
         epoch: int,
         epochs: int,
         steps_per_epoch: int,
-        decay_steps: int,
-        warmup_steps: int,
         fit_loader,
         outcome: TrainOutcome,
     ) -> dict:
@@ -426,7 +555,7 @@ class Trainer:
             if index >= steps_per_epoch:
                 break
             step = epoch * steps_per_epoch + index
-            lr = self._set_lr(step, decay_steps, warmup_steps)
+            lr = self._set_lr(step, steps_per_epoch)
             loss = self.train_step(images, labels)
             self.adapted.after_optimizer_step(step)
             loss_sum += loss * labels.numel()

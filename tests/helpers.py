@@ -26,7 +26,7 @@ from san.config import config_dir
 TINY_BACKBONES = ("test_vit", "test_convnext", "test_swin", "effnet_lite0")
 IMAGE_SIZE = 32
 # Settings that make a method the AdaptFormer variant (configs/method/adaptformer.yaml).
-ADAPTFORMER = {"parallel": True, "scale": 0.1}
+ADAPTFORMER = {"dim": 8, "scale": 0.1, "dropout": 0.1, "placement": "residual_stream", "init": "lora"}
 
 
 def backbone_config(name: str) -> dict[str, Any]:

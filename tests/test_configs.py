@@ -69,12 +69,16 @@ def test_method_group_is_the_registry_plus_named_variants(composed):
         assert methods[name]["name"] == name and methods[name]["label"] is None
     for variant in variants:
         assert methods[variant]["label"] == variant and methods[variant]["name"] in available_methods()
-    assert {k: methods["adaptformer"][k] for k in ("name", "label", "parallel", "scale")} == {
+    keys = ("name", "label", "placement", "scale", "dropout", "dim")
+    assert {k: methods["adaptformer"][k] for k in keys} == {
         "name": "adapter",
         "label": "adaptformer",
-        "parallel": True,
+        "placement": "residual_stream",
         "scale": 0.1,
+        "dropout": 0.1,
+        "dim": 8,
     }
+    assert methods["adaptformer_64"]["dim"] == 64 and methods["adaptformer_64"]["placement"] == "residual_stream"
 
 
 def test_datasets_are_the_spec_tables(composed):

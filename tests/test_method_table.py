@@ -50,6 +50,8 @@ from san.methods.scaling import NormAffineScale, ScaledInput, ScaledOutput
 # SSF/SAN's vectors start at exactly 1 and 0 with init_std 0 (the default, N(1, .02), is
 # deliberately off the identity; the record test trains the default).
 ZERO_INIT = {"init_std": 0.0}
+# NOAH's Adapter (configs/method/adapter_noah.yaml)
+ADAPTER_NOAH = {"placement": "sequential", "activation": "quick_gelu", "init": "xavier", "dim": 8}
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,10 @@ TABLE: list[Row] = [
     Row("vera", "test_swin"),
     *refused("vera", "effnet_lite0"),  # VeRA adapts Linear layers only
     # --- NEAT -------------------------------------------------------------------------------
+    # --- q,v-only LoRA on the fused qkv (V-PETL's ViT LoRA) -----------------------------------
+    Row("lora_qv", "test_vit"),
+    Row("lora_qv", "test_swin"),
+    *refused("lora_qv", "test_convnext", "effnet_lite0"),  # no fused qkv attention
     Row("neat", "test_vit"),
     Row("neat", "test_swin"),
     *refused("neat", "test_convnext", "effnet_lite0"),  # no attention q and v
@@ -143,9 +149,16 @@ TABLE: list[Row] = [
     Row("adapter", "test_convnext"),
     Row("adapter", "test_swin"),
     *refused("adapter", "effnet_lite0"),  # no transformer MLP
+    Row("adapter", "test_vit", {"placement": "mlp_input", "scale": 0.1}),
+    Row("adapter", "test_convnext", {"placement": "mlp_input", "scale": 0.1}),
     Row("adapter", "test_vit", ADAPTFORMER, label="adaptformer"),
-    Row("adapter", "test_convnext", ADAPTFORMER, label="adaptformer"),
+    # NOAH's Adapter: Xavier-initialised up, so not the backbone's function at init
+    Row("adapter", "test_vit", ADAPTER_NOAH, label="adapter_noah", identity=False),
     Row("adapter", "test_swin", ADAPTFORMER, label="adaptformer"),
+    Row("adapter", "test_vit", {**ADAPTFORMER, "dim": 64}, label="adaptformer_64"),
+    # AdaptFormer's branch reads a pre-norm block's residual stream; ConvNeXt's block has none
+    Row("adapter", "test_convnext", ADAPTFORMER, label="adaptformer", unsupported=True),
+    Row("adapter", "effnet_lite0", ADAPTFORMER, label="adaptformer", unsupported=True),
     # prompts are extra tokens: the output differs from the backbone's at init
     Row("vpt_shallow", "test_vit", identity=False),
     Row("vpt_deep", "test_vit", identity=False),
@@ -178,7 +191,12 @@ TABLE: list[Row] = [
     Row("neat", "vit_b16_in21k", trainable=258_048),  # mode 1, r = 7 on q and v: 12 x 2 x (768 x 7 + 7 x 768)
     # published (AdaptFormer's 0.16 M): a dim-8 bottleneck with biases per block, 12 x 13,064
     Row("adapter", "vit_b16_in21k", trainable=156_768),
+    # AdaptFormer's published 0.16 M row: 12 x (768 x 8 + 8 + 8 x 768 + 768)
     Row("adapter", "vit_b16_in21k", ADAPTFORMER, label="adaptformer", trainable=156_768),
+    # the official default bottleneck (main_image.py --ffn_num 64): 12 x (768 x 64 + 64 + 64 x 768 + 768)
+    Row("adapter", "vit_b16_in21k", {**ADAPTFORMER, "dim": 64}, label="adaptformer_64", trainable=1_189_632),
+    Row("adapter", "vit_b16_in21k", ADAPTER_NOAH, label="adapter_noah", trainable=156_768),  # NOAH's 0.16 M
+    Row("lora_qv", "vit_b16_in21k", trainable=294_912),  # r = 8 on q and v: 12 x 2 x (768 x 8 + 8 x 768)
     Row("vpt_shallow", "vit_b16_in21k", trainable=7_680),  # 10 prompts of width 768
     Row("vpt_deep", "vit_b16_in21k", trainable=92_160),  # 10 prompts per block
     # Swin-B and ConvNeXt-B (README's table): SSF's insertion points there; SAN adds no parameters

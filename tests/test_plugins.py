@@ -231,4 +231,4 @@ def test_san_params_describes_a_variant_with_its_values(capsys):
     params.main(["method=adaptformer", "--describe"])
     out = capsys.readouterr().out
     assert out.startswith("variant adaptformer of method adapter:")
-    assert '"scale": 0.1' in out and '"parallel": true' in out
+    assert '"scale": 0.1' in out and '"placement": "residual_stream"' in out
