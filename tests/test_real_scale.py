@@ -340,7 +340,8 @@ def test_depthwise_convolution_backward_is_not_counted_as_dense():
 def test_records_carry_their_own_flops_and_a_known_or_unknown_peak(tmp_path, tiny_task):
     from san.efficiency import model_flop_utilisation
 
-    record = read_record(run(compose_config(tiny_overrides(tmp_path, tiny_task, "method=bitfit", "trainer.epochs=1"))))
+    overrides = tiny_overrides(tmp_path, tiny_task, "method=bitfit", "trainer.epochs=1", "trainer.device=cpu")
+    record = read_record(run(compose_config(overrides)))
     efficiency = record["efficiency"]
     assert efficiency["train_flops_per_image"] > efficiency["forward_flops_per_image"] > 0
     assert record["cost"]["model_flop_utilisation"] is None  # a CPU has no listed peak

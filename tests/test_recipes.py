@@ -22,7 +22,9 @@ from san.trainer import Trainer, scheduled_lr
 
 
 def _trainer(tmp_path, tiny_task, *extra, method="linear"):
-    config = resolved(compose_config(tiny_overrides(tmp_path, tiny_task, f"method={method}", *extra)))
+    # on the CPU also on a GPU machine: these check what the recipe computes, with CPU tensors
+    overrides = tiny_overrides(tmp_path, tiny_task, f"method={method}", "trainer.device=cpu", *extra)
+    config = resolved(compose_config(overrides))
     model, _ = create_backbone(config["backbone"], 4)
     adapted = build_method(method, model)
     preprocessing = data_config(model, 32, config["backbone"]["normalize"])

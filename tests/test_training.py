@@ -157,6 +157,7 @@ def test_final_protocol_reports_test_and_keeps_best_epoch_apart(tmp_path, tiny_t
 
 @pytest.mark.slow
 def test_wandb_logger_runs_offline_and_is_optional(tmp_path, tiny_task, monkeypatch):
+    pytest.importorskip("wandb")  # an optional extra; requirements.lock installs it
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     record_path = run(compose_config(tiny_overrides(tmp_path, tiny_task, "logger=wandb", "trainer.epochs=1")))
