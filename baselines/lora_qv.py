@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from san.methods.anatomy import attention_qkv
 from san.methods.base import AdaptedModel, MethodConfig, UnsupportedBackboneError
 from san.methods.registry import register_method
 from san.methods.surgery import fold_wrappers, replace_module
@@ -90,20 +91,13 @@ class QVLoraLinear(nn.Module):
         return self.base
 
 
-def _fused_qkv(model: nn.Module) -> list[nn.Linear]:
-    """Fused qkv projections of attention modules (ViT, DINOv2, Swin), found by structure."""
-    return [
-        m.qkv for m in model.modules() if isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "num_heads")
-    ]
-
-
 class LoraQV(AdaptedModel):
     """LoRA on the q and v slices of every fused attention qkv; merges exactly."""
 
     config_class = LoraQVConfig
 
     def _adapt(self, model: nn.Module) -> None:
-        qkvs = _fused_qkv(model)
+        qkvs = list(attention_qkv(model).values())
         if not qkvs:
             raise UnsupportedBackboneError(
                 f"{self.method_name} adapts attention q and v of a fused qkv; {type(model).__name__} has no "

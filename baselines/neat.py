@@ -22,6 +22,7 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
+from san.methods.anatomy import attention_qkv
 from san.methods.base import AdaptedModel, MethodConfig, UnsupportedBackboneError
 from san.methods.registry import register_method
 from san.methods.surgery import fold_wrappers, replace_module
@@ -115,13 +116,6 @@ class NeatLinear(nn.Module):
         return self.base
 
 
-def _attention_qkv(model: nn.Module) -> list[nn.Linear]:
-    """Fused qkv projections of attention modules (ViT, DINOv2, Swin), found by structure."""
-    return [
-        m.qkv for m in model.modules() if isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "num_heads")
-    ]
-
-
 class Neat(AdaptedModel):
     """NEAT: a nonlinear function of each frozen weight as its update; merges exactly."""
 
@@ -129,7 +123,7 @@ class Neat(AdaptedModel):
 
     def _adapt(self, model: nn.Module) -> None:
         cfg = self.config
-        qkvs = _attention_qkv(model)
+        qkvs = list(attention_qkv(model).values())
         if not qkvs:
             raise UnsupportedBackboneError(
                 f"{self.method_name} adapts attention q and v (NEAT's targets); {type(model).__name__} has no "

@@ -28,18 +28,18 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from san.methods.anatomy import attention_qkv
 from san.methods.base import AdaptedModel, MethodConfig, UnsupportedBackboneError
 from san.methods.peft_tuners import ADAPTER, adapter_parameters, tuner_layers
 from san.methods.registry import register_method
 
 
 def auto_targets(model: nn.Module) -> list[str]:
-    head = model.get_classifier()
-    head_modules = {id(m) for m in head.modules()}
-    named = [(n, m) for n, m in model.named_modules() if id(m) not in head_modules]
-    attention = [n for n, m in named if n.rsplit(".", 1)[-1] == "qkv" and isinstance(m, nn.Linear)]
+    attention = list(attention_qkv(model))
     if attention:
         return attention
+    head_modules = {id(m) for m in model.get_classifier().modules()}
+    named = [(n, m) for n, m in model.named_modules() if id(m) not in head_modules]
     linears = [n for n, m in named if isinstance(m, nn.Linear)]
     if linears:
         return linears

@@ -264,3 +264,8 @@ def data_config(model: nn.Module, input_size: int | None = None, normalize: str 
     else:
         raise ConfigError(f"unknown backbone.normalize {normalize!r}; accepted: {list(NORMALIZATIONS)}")
     return Preprocessing(int(size), mean, std, resolved["interpolation"])
+
+
+def backbone_data_config(model: nn.Module, backbone: Mapping[str, Any]) -> Preprocessing:
+    """`data_config` for a resolved `backbone` config node (its input_size and normalize)."""
+    return data_config(model, backbone["input_size"], backbone.get("normalize", "pretrained"))

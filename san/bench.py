@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from san.atomic import atomic_write_bytes
-from san.backbones import create_backbone, data_config
+from san.backbones import backbone_data_config, create_backbone
 from san.cli.console import console_script
 from san.config import compose_config
 from san.data.cache import TensorLoader, decode_split
-from san.data.splits import read_split
+from san.data.splits import Example, read_split
 from san.data.transforms import ImageListDataset, build_transform
 from san.efficiency import model_flop_utilisation, peak_tflops, run_flops
 from san.methods.base import NotMergeableError, UnsupportedBackboneError
@@ -88,9 +88,7 @@ def train_step_images_per_s(
     import tempfile
 
     adapted, _ = _build(config, device, channels_last)
-    preprocessing = data_config(
-        adapted.model, config["backbone"]["input_size"], config["backbone"].get("normalize", "pretrained")
-    )
+    preprocessing = backbone_data_config(adapted.model, config["backbone"])
     size = preprocessing.input_size
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (batch_size,), device=device)
@@ -164,12 +162,8 @@ def inference_images_per_s(model, device, batch_size, size, steps, warmup, preci
     return batch_size / _timed(forward, steps, warmup, device)
 
 
-def reference_pipeline_images_per_s(config, device, task_dir: Path, batch_size: int, steps: int, workers: int) -> float:
-    """The usual research-code step: PIL decode + resize per step in DataLoader workers, float32."""
-    adapted, _ = _build(config, device, channels_last=False)
-    preprocessing = data_config(
-        adapted.model, config["backbone"]["input_size"], config["backbone"].get("normalize", "pretrained")
-    )
+def _train_examples(task_dir: Path) -> list[Example]:
+    """The train800 split of a VTAB-format task folder."""
     dataset = {
         "name": task_dir.name,
         "format": "vtab_folder",
@@ -178,9 +172,16 @@ def reference_pipeline_images_per_s(config, device, task_dir: Path, batch_size: 
         "num_classes": 10,
         "splits": {"train": "train800"},
     }
+    return read_split(dataset, "train")
+
+
+def reference_pipeline_images_per_s(config, device, task_dir: Path, batch_size: int, steps: int, workers: int) -> float:
+    """The usual research-code step: PIL decode + resize per step in DataLoader workers, float32."""
+    adapted, _ = _build(config, device, channels_last=False)
+    preprocessing = backbone_data_config(adapted.model, config["backbone"])
     transform = build_transform("resize", preprocessing.input_size, preprocessing.interpolation, True)
     loader = torch.utils.data.DataLoader(
-        ImageListDataset(read_split(dataset, "train"), transform),
+        ImageListDataset(_train_examples(task_dir), transform),
         batch_size=batch_size,
         shuffle=True,
         num_workers=workers,
@@ -206,15 +207,7 @@ def reference_pipeline_images_per_s(config, device, task_dir: Path, batch_size: 
 
 
 def data_path_images_per_s(task_dir: Path, size: int, batch_size: int, workers: int) -> dict[str, float]:
-    dataset = {
-        "name": task_dir.name,
-        "format": "vtab_folder",
-        "root": str(task_dir.parent),
-        "folder": task_dir.name,
-        "num_classes": 10,
-        "splits": {"train": "train800"},
-    }
-    examples = read_split(dataset, "train")
+    examples = _train_examples(task_dir)
     transform = build_transform("resize", size, "bicubic", True)
     loader = torch.utils.data.DataLoader(
         ImageListDataset(examples, transform), batch_size=batch_size, shuffle=True, num_workers=workers
@@ -276,7 +269,7 @@ def run_bench(
                 results["rows"].append(row)
                 continue
             adapted, memory_format = _build(config, device, channels_last)
-            size = data_config(adapted.model, config["backbone"]["input_size"]).input_size
+            size = backbone_data_config(adapted.model, config["backbone"]).input_size
             row["input_size"] = size
             row["params_trainable_without_head"] = adapted.parameter_counts()["trainable_without_head"]
             counted = run_flops({**config, "dataset": {"num_classes": 10}})

@@ -111,11 +111,11 @@ def count_adapted(
 ) -> tuple[dict[str, Any], Any]:
     """Build the adapted model on `device` (random weights) and count its forward and training
     FLOPs per image; returns the counts and the adapted model (for its parameter counts)."""
-    with unfused_attention(), torch.device(device):
-        model, _ = create_backbone(dict(backbone, pretrained=False, checkpoint_path=None), num_classes)
-        adapted = build_method_from_config(model, method)
-    size = data_config(model, backbone["input_size"]).input_size
-    with unfused_attention():
+    with unfused_attention():  # fused attention is chosen when a module is built
+        with torch.device(device):
+            model, _ = create_backbone(dict(backbone, pretrained=False, checkpoint_path=None), num_classes)
+            adapted = build_method_from_config(model, method)
+        size = data_config(model, backbone["input_size"]).input_size
         counts = {
             "forward_flops_per_image": count_flops(adapted.model, size, device),
             "train_flops_per_image": count_training_flops(adapted.model, size, device),

@@ -238,7 +238,8 @@ def build_optimizer(
 
 
 def optim_summary(optimizer: torch.optim.Optimizer, optim: Mapping[str, Any], batch_size: int) -> dict[str, Any]:
-    """What ran, for the record: the optimizer, the lr after scaling, and the decay groups."""
+    """What ran, for the record: the optimizer as `build_optimizer` made it (its lr after scaling,
+    its momentum), and the decay groups."""
     decayed, exempt = 0, 0
     for group in optimizer.param_groups:
         count = sum(p.numel() for p in group["params"])
@@ -249,7 +250,7 @@ def optim_summary(optimizer: torch.optim.Optimizer, optim: Mapping[str, Any], ba
     return {
         "name": optim.get("name", "adamw"),
         "class": type(optimizer).__name__,
-        "lr": effective_lr(optim, batch_size),
+        "lr": optimizer.defaults["lr"],
         "base_lr": float(optim["lr"]),
         "lr_scaling": optim.get("lr_scaling", "none"),
         "batch_size": batch_size,
@@ -257,7 +258,7 @@ def optim_summary(optimizer: torch.optim.Optimizer, optim: Mapping[str, Any], ba
         "weight_decay_exempt": optim.get("weight_decay_exempt", "method"),
         "decayed_parameters": decayed,
         "exempt_parameters": exempt,
-        "momentum": optim.get("momentum", 0.9) if optim.get("name", "adamw") == "sgd" else None,
+        "momentum": optimizer.defaults.get("momentum"),  # SGD's; AdamW has none
     }
 
 
@@ -321,8 +322,8 @@ class Trainer:
         self.mean = torch.tensor(preprocessing.mean, device=self.device).view(shape) * 255
         self.std = torch.tensor(preprocessing.std, device=self.device).view(shape) * 255
         self.optimizer = build_optimizer(adapted, optim, self.device, trainer["batch_size"])
-        # The lr after optim.lr_scaling, and the schedule: both go into the record (san.run).
-        self.base_lr = effective_lr(optim, trainer["batch_size"])
+        # The lr after optim.lr_scaling (build_optimizer's), and the schedule: both go into the record (san.run).
+        self.base_lr = self.optimizer.defaults["lr"]
         self.optim_effective = optim_summary(self.optimizer, optim, trainer["batch_size"])
         self.schedule = schedule_summary(optim, trainer["epochs"])
         scheduled_lr(0, 1, trainer["epochs"], self.base_lr, optim)  # an unknown optim.schedule fails here

@@ -40,6 +40,20 @@ def write_tiny_vtab_task(root: Path, name: str = "tiny", seed: int = 0) -> Path:
     return task
 
 
+def tiny_dataset(task: Path, transform: str = "resize", num_classes: int = TINY_CLASSES, **extra) -> dict:
+    """The dataset config that reads a `write_tiny_vtab_task` folder directly (no composition)."""
+    return {
+        "name": "tiny",
+        "format": "vtab_folder",
+        "root": str(task.parent),
+        "folder": task.name,
+        "num_classes": num_classes,
+        "transform": transform,
+        "splits": {"train": "train800", "val": "val200", "trainval": "train800val200", "test": "test"},
+        **extra,
+    }
+
+
 @pytest.fixture
 def tiny_task(tmp_path: Path) -> Path:
     return write_tiny_vtab_task(tmp_path / "vtab-1k")

@@ -4,9 +4,9 @@ file whenever the list, an image or the transform changes."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
+from conftest import tiny_dataset
 from torch.utils.data import DataLoader
 
 from san.data.cache import TensorLoader
@@ -16,18 +16,6 @@ from san.data.preprocessing import Preprocessing
 PREPROCESSING = Preprocessing(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
 
 
-def _dataset(task: Path, transform: str = "resize") -> dict:
-    return {
-        "name": "tiny",
-        "format": "vtab_folder",
-        "root": str(task.parent),
-        "folder": task.name,
-        "num_classes": 4,
-        "transform": transform,
-        "splits": {"train": "train800", "val": "val200", "trainval": "train800val200", "test": "test"},
-    }
-
-
 def _batches(loader, seed: int) -> list:
     loader.generator.manual_seed(seed)
     return [(images.clone(), labels.clone()) for images, labels in loader]
@@ -35,8 +23,8 @@ def _batches(loader, seed: int) -> list:
 
 def test_cached_split_is_bit_identical_to_the_loader_path_in_the_same_order(tiny_task, tmp_path):
     options = dict(train=True, batch_size=5, num_workers=0)
-    plain = build_loader(_dataset(tiny_task), "train", PREPROCESSING, **options)
-    cached = build_loader(_dataset(tiny_task), "train", PREPROCESSING, cache_dir=tmp_path / "cache", **options)
+    plain = build_loader(tiny_dataset(tiny_task), "train", PREPROCESSING, **options)
+    cached = build_loader(tiny_dataset(tiny_task), "train", PREPROCESSING, cache_dir=tmp_path / "cache", **options)
     assert isinstance(plain, DataLoader) and isinstance(cached, TensorLoader)
     for seed in (0, 7):
         expected, got = _batches(plain, seed), _batches(cached, seed)
@@ -55,29 +43,29 @@ def test_cache_is_reused_and_invalidated_by_list_image_or_transform(tiny_task, t
         )
         return loader.cache_file
 
-    first = cache_file(_dataset(tiny_task))
+    first = cache_file(tiny_dataset(tiny_task))
     stamp = first.stat().st_mtime_ns
-    assert cache_file(_dataset(tiny_task)) == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert cache_file(tiny_dataset(tiny_task)) == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
 
     other_size = Preprocessing(24, (0.5,) * 3, (0.5,) * 3, "bicubic")
-    assert cache_file(_dataset(tiny_task), other_size) != first
-    assert cache_file(_dataset(tiny_task, "resize_crop_flip")) != first
+    assert cache_file(tiny_dataset(tiny_task), other_size) != first
+    assert cache_file(tiny_dataset(tiny_task, "resize_crop_flip")) != first
 
     lines = (tiny_task / "val200.txt").read_text().splitlines()
     path, label = lines[0].split()
     (tiny_task / "val200.txt").write_text("\n".join([f"{path} {(int(label) + 1) % 4}", *lines[1:]]) + "\n")
-    relabelled = cache_file(_dataset(tiny_task))
+    relabelled = cache_file(tiny_dataset(tiny_task))
     assert relabelled != first
 
     image = tiny_task / path
     image.write_bytes(image.read_bytes())  # same bytes, new modification time: rebuilt to be safe
     os.utime(image, ns=(stamp + 10**9, stamp + 10**9))
-    assert cache_file(_dataset(tiny_task)) != relabelled
+    assert cache_file(tiny_dataset(tiny_task)) != relabelled
 
 
 def test_random_augmentation_keeps_the_dataloader_path(tiny_task, tmp_path):
     loader = build_loader(
-        _dataset(tiny_task, "resize_crop_flip"),
+        tiny_dataset(tiny_task, "resize_crop_flip"),
         "train",
         PREPROCESSING,
         train=True,

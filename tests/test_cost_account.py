@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import meta_model
 from omegaconf import OmegaConf
 
 from san.cli.params import parameter_counts
@@ -146,16 +147,22 @@ def test_stored_table_holds_the_readme_parameter_counts():
     #   python -m san.protocol.model_costs experiment=vtab dataset=cifar
     costs = ModelCosts()
     vit = OmegaConf.to_container(OmegaConf.load(Path(config_dir(), "backbone", "vit_b16_in21k.yaml")))
+    # ViT-B/16: 12 blocks of width 768, MLP 3,072; README's table, by its arithmetic.
+    depth, width, mlp = 12, 768, 3_072
+    block_outputs = width + 3 * width + width + width + mlp + width  # norm1, qkv, proj, norm2, fc1, fc2
+    every_bias = width + depth * block_outputs + width  # patch_embed, the blocks, the final norm
+    backbone = sum(p.numel() for n, p in meta_model("vit_b16_in21k").named_parameters() if not n.startswith("head."))
     expected = {
-        "san": 205_824,
-        "ssf": 205_824,
-        "bitfit": 102_912,
-        "lora": 294_912,
-        "vpt_deep": 92_160,
-        "adapter": 156_768,
-        "full": 85_798_656,
+        "san": 2 * every_bias,  # SSF's gamma and beta; propagation adds none
+        "ssf": 2 * every_bias,
+        "bitfit": every_bias,
+        "lora": depth * 8 * (width + 3 * width),  # r = 8 on the fused qkv
+        "vpt_deep": depth * 10 * width,  # 10 prompts per block
+        "adapter": depth * (width * 8 + 8 + 8 * width + width),  # dim-8 bottleneck with biases
+        "full": backbone,
         "linear": 0,
     }
+    assert expected["ssf"] == 205_824 and expected["full"] == 85_798_656  # README's printed counts
     entries = {method: costs.get(vit, resolved(compose_config([f"method={method}"]))["method"]) for method in expected}
     assert {m: e["trainable_without_head"] for m, e in entries.items()} == expected
     assert costs.counted_now == []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_tiny_vtab_task
+from conftest import TINY_CLASSES, TINY_SIZES, tiny_dataset, write_tiny_vtab_task
 
 from san.data.demo_suite import TASKS, write_demo_suite
 from san.data.images import CorruptImageError
@@ -15,23 +15,15 @@ from san.data.splits import ClassCountMismatchError, DatasetError, LabelRangeErr
 from san.data.transforms import ImageListDataset, build_transform
 
 
-def vtab_cfg(task: Path, num_classes: int = 4) -> dict:
-    return {
-        "name": "tiny",
-        "format": "vtab_folder",
-        "root": str(task.parent),
-        "folder": task.name,
-        "num_classes": num_classes,
-        "transform": "resize",
-        "splits": {"train": "train800", "val": "val200", "trainval": "train800val200", "test": "test"},
-        "prepare_command": "san-prepare demo --out somewhere",
-    }
+def vtab_cfg(task: Path, num_classes: int = TINY_CLASSES) -> dict:
+    return tiny_dataset(task, num_classes=num_classes, prepare_command="san-prepare demo --out somewhere")
 
 
 def test_reads_all_roles(tiny_task):
     cfg = vtab_cfg(tiny_task)
     sizes = {role: len(read_split(cfg, role)) for role in ("train", "val", "trainval", "test")}
-    assert sizes == {"train": 32, "val": 8, "trainval": 40, "test": 16}
+    train, val, test = TINY_SIZES["train800"], TINY_SIZES["val200"], TINY_SIZES["test"]
+    assert sizes == {"train": train, "val": val, "trainval": train + val, "test": test}
 
 
 def test_missing_folder_names_path_and_command(tmp_path):

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_overrides
-from helpers import perturb_trainable, tiny_model
+from helpers import perturb_trainable, tiny_model, without_timings
 
 from san.config import compose_config
 from san.methods.registry import build_method
@@ -65,10 +65,7 @@ def test_same_seed_same_result_on_cuda(tmp_path, tiny_task):
     first = _gpu_run(tmp_path / "a", tiny_task, "method=ssf", "trainer.precision=bf16")
     second = _gpu_run(tmp_path / "b", tiny_task, "method=ssf", "trainer.precision=bf16")
 
-    def strip(rows):
-        return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]
-
-    assert strip(first["metrics"]["per_epoch"]) == strip(second["metrics"]["per_epoch"])
+    assert without_timings(first["metrics"]["per_epoch"]) == without_timings(second["metrics"]["per_epoch"])
 
 
 def test_compile_gives_the_uncompiled_result_without_recompiling_every_epoch(tmp_path, tiny_task):
@@ -95,10 +92,35 @@ def test_compile_gives_the_uncompiled_result_without_recompiling_every_epoch(tmp
     assert final_compiled["val_top1"] == pytest.approx(final_plain["val_top1"], abs=100 / 8 + 1e-6)  # <= 1 image of 8
 
 
-def test_channels_last_convnet_trains_on_cuda(tmp_path, tiny_task):
+def stem_memory_formats(monkeypatch) -> list[tuple[bool, bool]]:
+    """For every forward of the trained model's first conv: (input NHWC, weight NHWC), as seen
+    at the conv itself rather than as the run's config says."""
+    from san.trainer import Trainer
+
+    seen: list[tuple[bool, bool]] = []
+    original = Trainer.__init__
+
+    def record(module, inputs):
+        nhwc = torch.channels_last
+        seen.append((inputs[0].is_contiguous(memory_format=nhwc), module.weight.is_contiguous(memory_format=nhwc)))
+
+    def spying(self, adapted, *args, **kwargs):
+        original(self, adapted, *args, **kwargs)
+        stem = next(m for m in adapted.model.modules() if isinstance(m, torch.nn.Conv2d))
+        stem.register_forward_pre_hook(record)
+
+    monkeypatch.setattr(Trainer, "__init__", spying)
+    return seen
+
+
+def test_channels_last_convnet_trains_on_cuda(tmp_path, tiny_task, monkeypatch):
+    seen = stem_memory_formats(monkeypatch)
     record = _gpu_run(tmp_path, tiny_task, "backbone=test_convnext", "method=ssf", "trainer.precision=bf16")
     assert record["config"]["backbone"]["channels_last"] is True
     assert record["metrics"]["final"]["val_top1"] >= 0
+    assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in record["metrics"]["per_epoch"])
+    # the config's flag reached the kernels: NHWC images into NHWC weights, every step
+    assert seen and all(nhwc_input and nhwc_weight for nhwc_input, nhwc_weight in seen), seen[:3]
 
 
 def test_cached_split_lives_on_the_device(tmp_path, tiny_task):

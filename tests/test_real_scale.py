@@ -14,10 +14,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides, write_tiny_vtab_task
+from conftest import TINY_CLASSES, TINY_SIZES, tiny_dataset, tiny_overrides, write_tiny_vtab_task
 from helpers import without_timings
 from torch import nn
 
@@ -81,7 +82,7 @@ def test_a_different_copy_of_a_task_is_a_different_run(tmp_path, tiny_task):
 def test_final_run_reads_test_once_and_tune_runs_evaluate_at_the_end(tmp_path, tiny_task):
     final = read_record(run(compose_config(tiny_overrides(tmp_path, tiny_task, "protocol=final", "trainer.epochs=3"))))
     assert final["cost"]["evaluations"] == 1
-    assert final["cost"]["eval_images"] == 16  # the tiny test split, once
+    assert final["cost"]["eval_images"] == TINY_SIZES["test"]  # the tiny test split, once
     assert [("test_top1" in row) for row in final["metrics"]["per_epoch"]] == [False, False, True]
     curve = read_record(
         run(compose_config(tiny_overrides(tmp_path, tiny_task, "trainer.epochs=4", "trainer.eval_every=2")))
@@ -196,6 +197,7 @@ def test_a_lock_file_left_by_a_dead_process_is_taken_over(tmp_path, monkeypatch)
     held.write_text(json.dumps({"host": locks.socket.gethostname(), "pid": int(dead.stdout), "since": 0}))
     with file_lock(tmp_path / ".lock") as mechanism:
         assert mechanism == "lock_file"
+        assert json.loads(held.read_text())["pid"] == os.getpid()  # taken over: it names this process now
 
 
 def test_waiting_for_a_lock_file_gets_it_when_released(tmp_path, monkeypatch):
@@ -215,23 +217,18 @@ def test_waiting_for_a_lock_file_gets_it_when_released(tmp_path, monkeypatch):
 
 
 # --- the decoded-split cache ---------------------------------------------------------------------
+CACHE_IMAGE_SIZE = 16  # the workers' Preprocessing size
+
+
 def _cache_worker(task: str, cache: str) -> None:
     from san.data.loaders import build_loader
     from san.data.preprocessing import Preprocessing
 
-    dataset = {
-        "name": "tiny",
-        "format": "vtab_folder",
-        "root": os.path.dirname(task),
-        "folder": os.path.basename(task),
-        "num_classes": 4,
-        "transform": "resize",
-        "splits": {"train": "train800", "val": "val200", "trainval": "train800val200", "test": "test"},
-    }
+    dataset = tiny_dataset(Path(task))
     build_loader(
         dataset,
         "test",
-        Preprocessing(16, (0.5,) * 3, (0.5,) * 3, "bicubic"),
+        Preprocessing(CACHE_IMAGE_SIZE, (0.5,) * 3, (0.5,) * 3, "bicubic"),
         train=False,
         batch_size=4,
         num_workers=0,
@@ -267,7 +264,9 @@ def test_concurrent_runs_build_the_cache_once_and_read_it_memory_mapped(tiny_tas
     data_files = list(cache.glob("*.u8"))
     assert len(data_files) == 1 and not list(cache.glob("*.partial"))
     images, labels, path = cache_module._read(data_files[0], data_files[0].with_suffix(".json")) + (None,)
-    assert images.shape == (16, 3, 16, 16) and labels.tolist() == [i % 4 for i in range(16)]
+    count, size = TINY_SIZES["test"], CACHE_IMAGE_SIZE
+    assert images.shape == (count, 3, size, size)
+    assert labels.tolist() == [i % TINY_CLASSES for i in range(count)]  # write_tiny_vtab_task's labels
     # memory-mapped from the file (Linux lists the mapping), not read into memory
     assert str(data_files[0]) in open("/proc/self/maps").read()
 
@@ -278,14 +277,7 @@ def test_cache_key_follows_the_decoder_and_resize_versions(tiny_task, monkeypatc
     from san.data.cache import cache_key
     from san.data.splits import read_split
 
-    dataset = {
-        "name": "tiny",
-        "format": "vtab_folder",
-        "root": str(tiny_task.parent),
-        "folder": tiny_task.name,
-        "num_classes": 4,
-        "splits": {"test": "test"},
-    }
+    dataset = tiny_dataset(tiny_task)
     examples = read_split(dataset, "test")
     before = cache_key(examples, {"size": 16})
     monkeypatch.setattr(PIL, "__version__", "0.0.0")

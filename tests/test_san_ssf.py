@@ -60,6 +60,8 @@ def _attention(block, qkv: torch.Tensor) -> torch.Tensor:
 
 
 def _scales(adapted, block_index: int) -> dict[str, ScaledOutput]:
+    # Read from timm's Block attributes on purpose, not san.methods.anatomy's mapping: the hand
+    # computations below are the oracle for where the method put its scales.
     block = adapted.model.blocks[block_index]
     found = {
         "norm1": block.norm1,

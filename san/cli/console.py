@@ -45,16 +45,12 @@ def _debug() -> bool:
     return os.environ.get(FULL_ERROR_ENV) == "1"
 
 
-def _is_user_error(error: BaseException) -> bool:
-    return isinstance(error, UserError)
-
-
 def user_message(error: BaseException, prog: str | None) -> str | None:
     """The message to print for an error the user can fix; None for a bug.
 
     `prog` is the script whose command line takes Hydra overrides, for the example commands;
     None for a script that composes its configs itself (san-bench)."""
-    if _is_user_error(error):
+    if isinstance(error, UserError):
         return str(error)
     if "hydra" in sys.modules:
         from hydra.errors import CompactHydraException

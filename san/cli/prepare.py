@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -55,11 +54,11 @@ def _verify_folder(folder: Path, decode: bool):
     """The report on a VTAB-1K task folder or an FGVC json folder; None if it is neither."""
     from san.data.fgvc_folder import canonical_fgvc_name, verify_fgvc_folder
     from san.data.fgvc_sources import SPECS as FGVC_SPECS
+    from san.data.manifest import read_manifest
     from san.data.vtab_folder import canonical_task_name, verify_task_folder
     from san.data.vtab_spec import TASKS as VTAB_TASKS
 
-    manifest_path = folder / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest = read_manifest(folder) or {}
     if (folder / "train.json").is_file():
         name = canonical_fgvc_name(folder.name)
         spec = FGVC_SPECS.get(name)

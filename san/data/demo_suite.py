@@ -16,11 +16,12 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from san.data.vtab_folder import write_task_folder
+from san.data.vtab_folder import VTAB_COUNTS, write_task_folder
 
 IMAGE_SIZE = 64
-SPLIT_SIZES = {"train800": 800, "val200": 200}
+SPLIT_SIZES = {split: VTAB_COUNTS[split] for split in ("train800", "val200")}
 PROCEDURAL_TEST_SIZE = 500
+DIGITS_IMAGES = 1797  # scikit-learn's bundled 8x8 digits (load_digits): every one is used
 
 
 def _background(rng: np.random.Generator) -> Image.Image:
@@ -120,7 +121,8 @@ def write_task(task: str, out_root: Path) -> Path:
     if (final / "manifest.json").is_file():
         return final
     examples = _examples(task)
-    splits = {"train800": examples[:800], "val200": examples[800:1000], "test": examples[1000:]}
+    train, fit = SPLIT_SIZES["train800"], sum(SPLIT_SIZES.values())
+    splits = {"train800": examples[:train], "val200": examples[train:fit], "test": examples[fit:]}
     return write_task_folder(out_root, task, splits, TASKS[task][1], {"generator": "san.data.demo_suite"})
 
 

@@ -38,7 +38,7 @@ from san.data.fgvc_sources import (
     val_size,
 )
 from san.data.images import CorruptImageError, load_rgb
-from san.data.manifest import manifest_problems, sha256_file
+from san.data.manifest import manifest_problems, read_manifest, sha256_file
 from san.data.splits import Example, load_split_table
 
 SPLITS = ("train", "val", "test")
@@ -306,7 +306,7 @@ def verify_fgvc_folder(
     folder = Path(folder)
     report = VerifyReport(canonical_fgvc_name(folder.name), folder)
     manifest_path = folder / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    manifest = read_manifest(folder)
     if image_root is None:
         image_root = (manifest or {}).get("image_root", "")
     tables: dict[str, dict[str, int]] = {}

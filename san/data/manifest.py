@@ -51,7 +51,7 @@ def data_fingerprint(task_folder: str | Path) -> dict[str, Any]:
     )
     data = {split: path.read_bytes() for split, path in names.items() if path.is_file()}
     if fgvc:  # FGVC folders come from the official releases, built here (manifest) or elsewhere
-        variant = (manifest or {}).get("data_variant", "fgvc_official_build") if manifest else "external:fgvc_json"
+        variant = manifest.get("data_variant", "fgvc_official_build") if manifest else "external:fgvc_json"
     elif manifest is not None:
         variant = manifest_variant(manifest)
     else:

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
 from san.data.errors import DatasetError
+from san.data.manifest import read_manifest
 from san.data.vtab_spec import ALIASES, TASKS
 
 # words in a key's arguments that pick one task of a two-task dataset
@@ -88,8 +89,7 @@ def _basename(name: str) -> str:
 
 def compare_with_vpt(folder: str | Path, task: str, vpt_names: list[str]) -> str:
     """One line: how many of VPT's images the export's train800 + val200 lack."""
-    manifest_path = Path(folder) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest = read_manifest(folder) or {}
     ids = manifest.get("source_ids", {})
     ours = [name for split in ("train800", "val200") for name in ids.get(split, [])]
     if not ours:

@@ -19,7 +19,6 @@ sources needs TensorFlow too: their builders encode images through it.
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from san.data.errors import DatasetError
-from san.data.manifest import JPEG_NOAH, PNG_LOSSLESS
+from san.data.manifest import JPEG_NOAH, PNG_LOSSLESS, read_manifest
 from san.data.vtab_folder import write_task_folder
 from san.data.vtab_spec import TASKS, VPT_TFDS, TaskSpec, as_tfds_split, choose_version, resolve_slices, vtab_label
 
@@ -268,8 +267,9 @@ def export_vtab(
     written, missing = [], []
     for task in tasks or list(TASKS):
         final = Path(out_root) / task
-        if (final / "manifest.json").is_file():
-            variant = json.loads((final / "manifest.json").read_text()).get("data_variant")
+        manifest = read_manifest(final)
+        if manifest is not None:
+            variant = manifest.get("data_variant")
             other = (
                 f" as {variant}, not {FORMATS[image_format]}" if variant and variant != FORMATS[image_format] else ""
             )

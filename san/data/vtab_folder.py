@@ -31,7 +31,14 @@ from tqdm.auto import tqdm
 from san.data.errors import VerifyReport
 from san.data.images import CorruptImageError, load_rgb
 from san.data.layout import JPEG_SUFFIXES, LIST_NAMES, detect_layout
-from san.data.manifest import JPEG_NOAH, PNG_LOSSLESS, manifest_problems, manifest_variant, sha256_file
+from san.data.manifest import (
+    JPEG_NOAH,
+    PNG_LOSSLESS,
+    manifest_problems,
+    manifest_variant,
+    read_manifest,
+    sha256_file,
+)
 from san.data.splits import DatasetError, Example, list_lines, parse_list_line
 from san.data.vtab_spec import ALIASES, TASKS
 
@@ -286,7 +293,7 @@ def verify_task_folder(
     folder = Path(folder)
     report = VerifyReport(canonical_task_name(folder.name), folder)
     manifest_path = folder / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    manifest = read_manifest(folder)
     lists: dict[str, list[Example]] = {}
     checked: set[Path] = set()
     for split in LIST_NAMES:
@@ -298,11 +305,8 @@ def verify_task_folder(
     counts = dict(expected_counts) if expected_counts is not None else expected_counts_for(report.name, manifest)
     for split, expected in counts.items():
         if split in lists and len(lists[split]) != expected:
-            report.problems.append(
-                f"{folder / (split + '.txt')}: {len(lists[split])} lines, VTAB-1K has {expected}"
-                if expected_counts is None
-                else f"{folder / (split + '.txt')}: {len(lists[split])} lines, expected {expected}"
-            )
+            wanted = f"VTAB-1K has {expected}" if expected_counts is None else f"expected {expected}"
+            report.problems.append(f"{folder / (split + '.txt')}: {len(lists[split])} lines, {wanted}")
     if {"train800", "val200", "train800val200"} <= set(lists):
         _trainval_problems(lists, folder, decode or manifest is not None, report)
     if manifest is not None:

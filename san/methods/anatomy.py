@@ -142,3 +142,13 @@ def backbone_anatomy(model: nn.Module, method: str) -> Anatomy:
         f"{[a.__name__ for a in ANATOMIES]} (ViT-B/16, DINOv2, Swin-B, ConvNeXt-B, EfficientNet-Lite0 and the tiny "
         "test models)"
     )
+
+
+def attention_qkv(model: nn.Module) -> dict[str, nn.Linear]:
+    """The fused qkv projections of attention modules (ViT, DINOv2, Swin), found by structure
+    (a module with `num_heads` and a Linear `qkv`), by their module names in model order."""
+    return {
+        f"{name}.qkv" if name else "qkv": module.qkv
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "qkv", None), nn.Linear) and hasattr(module, "num_heads")
+    }

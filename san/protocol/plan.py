@@ -84,10 +84,6 @@ class Job:
         return f"{self.stage} {self.cell.method} {self.cell.task} [{settings}] seed{self.seed}"
 
 
-def _names_in(group: str) -> list[str]:
-    return group_options(group)
-
-
 def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
@@ -121,10 +117,12 @@ class Plan:
                 raise PlanError(f"san-sweep sets `{key}` itself; set plan.seeds / plan.tune_seed instead")
         self.root = compose_config(self.shared)
         if self.root.get("plan") is None:
-            raise PlanError(f"san-sweep needs an experiment: experiment=<name>; accepted: {_names_in('experiment')}")
+            raise PlanError(
+                f"san-sweep needs an experiment: experiment=<name>; accepted: {group_options('experiment')}"
+            )
         if self.root.get("sweep") is None:
             raise PlanError(
-                f"experiment {self.root.plan.name!r} names no grid: sweep=<name>; accepted: {_names_in('sweep')}"
+                f"experiment {self.root.plan.name!r} names no grid: sweep=<name>; accepted: {group_options('sweep')}"
             )
         plan = OmegaConf.to_container(self.root.plan, resolve=True)
         self.name: str = plan["name"]
@@ -144,7 +142,7 @@ class Plan:
         self._validate()
 
     def _validate(self) -> None:
-        known_tasks, known_methods = _names_in("dataset"), _names_in("method")
+        known_tasks, known_methods = group_options("dataset"), group_options("method")
         unknown = [t for t in self.tasks if t not in known_tasks]
         if unknown:
             raise UnknownTaskError(f"experiment {self.name!r} names unknown task(s) {unknown}; accepted: {known_tasks}")

@@ -12,18 +12,18 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from san.data import vtab_spec
-from san.data.demo_suite import PROCEDURAL_TEST_SIZE, SPLIT_SIZES
+from san.data.demo_suite import DIGITS_IMAGES, PROCEDURAL_TEST_SIZE, SPLIT_SIZES
+from san.data.vtab_folder import VTAB_COUNTS
 from san.errors import UserError
 
-# The demo suite's test splits: scikit-learn's 1,797 digits less train800 + val200, and
+# The demo suite's test splits: scikit-learn's digits less train800 + val200, and
 # the procedural tasks' generated test size.
 DEMO_TEST_SIZES = {
-    "digits": 1797 - 1000,
+    "digits": DIGITS_IMAGES - sum(SPLIT_SIZES.values()),
     "shape_loc": PROCEDURAL_TEST_SIZE,
     "shape_ori": PROCEDURAL_TEST_SIZE,
     "object_count": PROCEDURAL_TEST_SIZE,
 }
-VTAB_1K_SIZES = {**SPLIT_SIZES, "train800val200": sum(SPLIT_SIZES.values())}
 
 
 class UnknownSplitSizeError(UserError, KeyError):
@@ -35,8 +35,8 @@ def split_file_size(dataset: Mapping[str, Any], split: str) -> int:
     name, suite = dataset["name"], dataset.get("suite")
     if dataset.get("expected_counts") and split in dataset["expected_counts"]:
         return int(dataset["expected_counts"][split])
-    if dataset.get("format") == "vtab_folder" and split in VTAB_1K_SIZES:
-        return VTAB_1K_SIZES[split]
+    if dataset.get("format") == "vtab_folder" and split in VTAB_COUNTS:
+        return VTAB_COUNTS[split]
     if suite == "vtab" and split == "test" and name in vtab_spec.TASKS:
         # the published copies' test size (tests/test_vtab_spec.py derives it from the tfds split
         # sizes with the reference code's slice arithmetic)

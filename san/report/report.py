@@ -176,7 +176,8 @@ def report_runs_dir(
     output = ReportOutput()
     output.console.append(f"{len(loaded.frame)} final records; skipped: {loaded.skipped_text()}")
     for (suite, backbone), frame in loaded.frame.groupby(["suite", "backbone"]):
-        layout = task_layout(_recorded_facts(frame))
+        facts = _recorded_facts(frame)
+        layout = task_layout(facts)
         published, source = published_reference(suite, backbone, reference_dir)
         table = build_suite_table(
             frame,
@@ -189,7 +190,7 @@ def report_runs_dir(
         )
         # A runs directory knows a task only from its records: one its experiment lists but
         # no record is of has no column (nor a group), so say that the means leave it out.
-        unrecorded = [task for task in listed_order(_recorded_facts(frame)) if task not in layout.tasks]
+        unrecorded = [task for task in listed_order(facts) if task not in layout.tasks]
         if unrecorded:
             note = (
                 f"No record of {', '.join(unrecorded)} (listed by the records' experiment): "
