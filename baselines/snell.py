@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from san.errors import UserError
 from san.methods.anatomy import backbone_anatomy
 from san.methods.base import AdaptedModel, MethodConfig, UnsupportedBackboneError
 from san.methods.registry import register_method
@@ -367,8 +368,8 @@ def allocate_budget(scores: list[float], budget: int, capacities: list[int]) -> 
 class Snella(KernelTuning):
     """SNELLA: SNELL's layers with the nonzero budget reallocated across matrices by importance
     on a cubic schedule (trainer hooks on_fit_start / after_optimizer_step). The importance
-    estimates are not checkpointed: a resumed run restarts them and reallocates at its first
-    step, by the schedule's budget for that point."""
+    averages, the allocation point reached and each matrix's budget go into the run's
+    checkpoint (training_state), so a resumed run allocates as the uninterrupted one."""
 
     config_class = SnellaConfig
 
@@ -443,6 +444,33 @@ class Snella(KernelTuning):
             budget = self.scheduled_budget(period)
             if budget is not None:
                 self.allocate(budget)
+
+    def training_state(self) -> dict[str, Any]:
+        return {
+            "period": self.period,
+            "budget": self.budget,
+            "allocations_applied": self.allocations_applied,
+            "scores": list(self.scores),
+            "keep": [update.keep for update in self.updates],
+            "sensitivity": [[t.detach().cpu() for t in tensors] for tensors in self.sensitivity],
+            "uncertainty": [[t.detach().cpu() for t in tensors] for tensors in self.uncertainty],
+        }
+
+    @torch.no_grad()
+    def load_training_state(self, state: Mapping[str, Any]) -> None:
+        if not state:
+            raise UserError(
+                f"{self.method_name}: the checkpoint holds no allocation state (written before SNELLA's state was "
+                "checkpointed); delete the run's checkpoint.pt or set trainer.resume=false to start it afresh"
+            )
+        self.period, self.budget = state["period"], state["budget"]
+        self.allocations_applied, self.scores = state["allocations_applied"], list(state["scores"])
+        for update, keep in zip(self.updates, state["keep"], strict=True):
+            update.keep = keep
+        for mine, saved in ((self.sensitivity, state["sensitivity"]), (self.uncertainty, state["uncertainty"])):
+            for tensors, saved_tensors in zip(mine, saved, strict=True):
+                for tensor, saved_tensor in zip(tensors, saved_tensors, strict=True):
+                    tensor.copy_(saved_tensor)
 
     def record_facts(self) -> dict[str, Any]:
         return {

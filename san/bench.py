@@ -8,6 +8,11 @@ the data path (decoded-split cache vs per-step PIL decoding) and the same traini
 through a reference-style pipeline (per-step PIL decode in DataLoader workers, float32,
 default memory format), so the speed-up is a ratio taken on the same machine in the same
 run. Absolute numbers are only meaningful on a GPU; on a CPU read the ratios.
+
+`--imagefolder` adds the full-data path (ImageNet-1K, CIFAR-100 of the GIC suite): images/s
+through the very DataLoader a run builds for an ImageFolder split (JPEG decode and the
+random-resized crop in worker processes, pinned memory on a GPU, persistent workers, prefetch),
+which is what feeds the GPU when a split is too large to cache.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,8 @@ from san.backbones import backbone_data_config, create_backbone
 from san.cli.console import console_script
 from san.config import compose_config
 from san.data.cache import TensorLoader, decode_split
+from san.data.loaders import build_loader, resolve_num_workers
+from san.data.preprocessing import Preprocessing
 from san.data.splits import Example, read_split
 from san.data.transforms import ImageListDataset, build_transform
 from san.efficiency import model_flop_utilisation, peak_tflops, run_flops
@@ -222,6 +230,75 @@ def data_path_images_per_s(task_dir: Path, size: int, batch_size: int, workers: 
     return {"pil_dataloader": per_step_decode, "cached_tensor": count / (time.perf_counter() - started)}
 
 
+# An ImageNet-like stand-in for `--imagefolder tiny`: ImageNet's training JPEGs average about
+# 400 x 350 pixels (ILSVRC-2012 train, ~110 KB each); 8 classes x 48 images.
+TINY_IMAGEFOLDER = {"classes": 8, "per_class": 48, "size": (400, 350)}
+
+
+def write_tiny_imagefolder(folder: Path) -> Path:
+    """`folder/<wnid>/<wnid>_<i>.JPEG` of ImageNet-sized noise images (the layout timm reads)."""
+    import numpy as np
+
+    from san.testing.imagenet_releases import wnids, write_image
+
+    rng = np.random.default_rng(0)
+    for index, wnid in enumerate(wnids(TINY_IMAGEFOLDER["classes"])):
+        for i in range(TINY_IMAGEFOLDER["per_class"]):
+            write_image(folder / wnid / f"{wnid}_{i}.JPEG", index, rng, size=TINY_IMAGEFOLDER["size"])
+    return folder
+
+
+def imagefolder_images_per_s(
+    folder: Path, size: int, batch_size: int, workers: int | str, device: torch.device, batches: int
+) -> dict[str, Any]:
+    """Images/s through the loader `san.run` builds for an ImageFolder training split (san.data.loaders:
+    random-resized crop and flip, workers, pinned memory on a GPU, persistent workers), each batch
+    copied to the device as the trainer copies it. The first batch (worker start-up) is not timed;
+    a second pass shows the persistent workers' epoch start."""
+    dataset = {
+        "name": "bench_imagefolder",
+        "format": "imagefolder",
+        "root": str(folder.parent),
+        "folder": folder.name,
+        "split_dirs": {"train": "."},
+        "splits": {"train": "train"},
+        "classes_file": None,  # the sorted class folders, as torchvision's ImageFolder
+        "num_classes": sum(1 for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith(".")),
+        "transform": "random_resized_crop_flip",
+    }
+    preprocessing = Preprocessing(input_size=size, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic")
+    pin_memory = device.type == "cuda"
+    loader = build_loader(
+        dataset, "train", preprocessing, train=True, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory
+    )
+    loader.generator.manual_seed(0)
+    timed = []
+    for _ in range(2):  # two epochs: the second starts with the workers already running
+        seen, started = 0, None
+        for index, (images, labels) in enumerate(loader):
+            images.to(device, non_blocking=True)
+            if index == 0:
+                _sync(device)
+                started = time.perf_counter()
+                continue
+            seen += labels.numel()
+            if index >= batches:
+                break
+        _sync(device)
+        timed.append(seen / (time.perf_counter() - started) if seen else None)
+    return {
+        "folder": str(folder),
+        "images": len(loader.dataset),
+        "input_size": size,
+        "batch_size": batch_size,
+        "workers": resolve_num_workers(workers),
+        "pin_memory": pin_memory,
+        "persistent_workers": loader.persistent_workers,
+        "images_per_s": timed[0],
+        "images_per_s_second_epoch": timed[1],
+    }
+
+
 def run_bench(
     backbones: list[str],
     methods: list[str],
@@ -234,6 +311,9 @@ def run_bench(
     device_name: str = "auto",
     concurrent_runs: int = 0,
     compile_step: bool = False,
+    imagefolder: Path | None = None,
+    imagefolder_workers: int | str = "auto",
+    imagefolder_batches: int = 20,
 ) -> dict:
     device = resolve_device(device_name)
     precision = resolve_precision("auto", device)
@@ -328,6 +408,16 @@ def run_bench(
         size = input_size or (measured[0] if measured else 224)
         results["data_path"] = data_path_images_per_s(task_dir, size, batch_size, workers)
         results["data_path"]["input_size"] = size
+    if imagefolder is not None:
+        measured = [row["input_size"] for row in results["rows"] if "input_size" in row]
+        results["imagefolder_data_path"] = imagefolder_images_per_s(
+            imagefolder,
+            input_size or (measured[0] if measured else 224),
+            batch_size,
+            imagefolder_workers,
+            device,
+            imagefolder_batches,
+        )
     return results
 
 
@@ -365,6 +455,16 @@ def to_markdown(results: dict) -> str:
             f"Data path at {data['input_size']} px: cached tensor {data['cached_tensor']:,.0f} img/s vs "
             f"per-step PIL decode {data['pil_dataloader']:,.0f} img/s "
             f"({data['cached_tensor'] / data['pil_dataloader']:.1f}x).",
+        ]
+    if "imagefolder_data_path" in results:
+        data = results["imagefolder_data_path"]
+        lines += [
+            "",
+            f"ImageFolder data path (the run's DataLoader: JPEG decode + random-resized crop at "
+            f"{data['input_size']} px in {data['workers']} workers, pinned memory {data['pin_memory']}, "
+            f"persistent workers {data['persistent_workers']}; batch {data['batch_size']}): "
+            f"{number(data['images_per_s'], 0)} img/s "
+            f"(second epoch {number(data['images_per_s_second_epoch'], 0)} img/s), {data['folder']}.",
         ]
     if "concurrent" in results:
         c = results["concurrent"]
@@ -412,23 +512,41 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrent", type=int, default=2, help="also time this many training processes sharing the device (0: skip)"
     )
     parser.add_argument("--compile", action="store_true", help="time the training step under torch.compile")
+    parser.add_argument(
+        "--imagefolder",
+        default=None,
+        help="also time the ImageFolder training loader on this class-folder tree (e.g. data/gic/imagenet1k/train), "
+        "or on a generated ImageNet-sized one: --imagefolder tiny",
+    )
+    parser.add_argument(
+        "--imagefolder-workers", default="auto", help="its DataLoader workers (auto: as trainer.num_workers=auto)"
+    )
+    parser.add_argument("--imagefolder-batches", type=int, default=20, help="batches timed per epoch")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     task = args.task if (args.task / "train800.txt").is_file() else None
     if task is None:
         print(f"no task at {args.task} (make data-demo): skipping the data-path and reference measurements")
-    results = run_bench(
-        args.backbones,
-        args.methods,
-        args.batch_size,
-        args.steps,
-        args.warmup,
-        args.input_size,
-        task,
-        args.workers,
-        concurrent_runs=args.concurrent,
-        compile_step=args.compile,
-    )
+    with contextlib.ExitStack() as stack:
+        imagefolder = None if args.imagefolder is None else Path(args.imagefolder)
+        if args.imagefolder == "tiny":
+            imagefolder = write_tiny_imagefolder(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "train")
+        workers = args.imagefolder_workers if args.imagefolder_workers == "auto" else int(args.imagefolder_workers)
+        results = run_bench(
+            args.backbones,
+            args.methods,
+            args.batch_size,
+            args.steps,
+            args.warmup,
+            args.input_size,
+            task,
+            args.workers,
+            concurrent_runs=args.concurrent,
+            compile_step=args.compile,
+            imagefolder=imagefolder,
+            imagefolder_workers=workers,
+            imagefolder_batches=args.imagefolder_batches,
+        )
     stem = args.out / time.strftime("bench-%Y%m%d-%H%M%S")
     atomic_write_bytes(stem.with_suffix(".json"), (json.dumps(results, indent=2, default=str) + "\n").encode())
     table = to_markdown(results)

@@ -61,6 +61,8 @@ _NEUTRAL_VALUES: dict[tuple[str, str], Any] = {
     # no literature test curve in final runs (configs/protocol/final.yaml, san/literature.py)
     ("protocol", "literature_curve"): False,
     ("protocol", "literature_curve_every"): 10,
+    # no further test sets evaluated after training (configs/protocol/final.yaml, san/robustness.py)
+    ("protocol", "extra_evaluations"): [],
     # the warmup starts at optim.warmup_lr (configs/optim/adamw.yaml)
     ("optim", "warmup_lr_ratio"): None,
     # configs/augment/none.yaml: no batch augmentation (tests/test_augment.py checks they agree)

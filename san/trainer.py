@@ -33,7 +33,9 @@ from tqdm.auto import tqdm
 
 from san.atomic import atomic_write_bytes, atomic_write_stream
 from san.data.batch_augment import AugmentSettings, BatchAugment, soft_target_cross_entropy
+from san.data.hendrycks import subset_correct
 from san.data.preprocessing import Preprocessing
+from san.distributed import ProcessGroup
 from san.ema import ModelEma
 from san.errors import ConfigError, UserError
 from san.methods.base import AdaptedModel
@@ -123,6 +125,14 @@ def configure_determinism(deterministic: bool) -> None:
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
+
+
+def rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of rank `rank`'s own randomness in an epoch (drop path, batch augmentation): rank 0
+    draws what a single process draws, other ranks a stream of their own (timm seeds seed + rank),
+    so data-parallel ranks do not repeat each other's masks. The data order is not drawn here: it
+    comes from the loader's generator, which every rank seeds alike (san.data.loaders.ShardSampler)."""
+    return epoch_seed(seed, epoch) + rank * 2**32
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -342,6 +352,7 @@ class Trainer:
         *,
         augment: Mapping[str, Any] | None = None,
         num_classes: int | None = None,
+        group: ProcessGroup | None = None,
     ):
         self.adapted = adapted
         self.cfg = trainer
@@ -349,7 +360,10 @@ class Trainer:
         self.seed = seed
         self.run_dir = run_dir
         self.identity = identity
-        self.device = resolve_device(trainer["device"])
+        # Data-parallel ranks (san.distributed): each trains on its share of every batch, and
+        # rank 0 alone writes metrics.csv and checkpoints. A single process has world size 1.
+        self.group = group or ProcessGroup()
+        self.device = self.group.device(resolve_device(trainer["device"]))
         self.autocast_dtype = resolve_precision(trainer["precision"], self.device)
         if self.device.type == "cuda":
             # Each run's peak, not the process's running maximum over earlier in-process runs.
@@ -379,6 +393,18 @@ class Trainer:
         # shape; training's last partial batch costs one extra (dynamic-batch) compile, not one per epoch.
         self.compiled = bool(trainer.get("compile", False))
         self.forward = torch.compile(adapted.model) if self.compiled else adapted.model
+        # Evaluation runs the module itself: each rank reads its own share of a split (their batch
+        # counts may differ by one), so it must not enter DDP's collectives.
+        self.eval_forward = self.forward
+        self.rank_batch_size = self.group.per_rank_batch(trainer["batch_size"])
+        if self.group.active:
+            self._check_data_parallel(augment)
+            # Gradients are averaged over ranks after each backward: with equal per-rank batches that
+            # is the gradient of the total batch's mean loss. Buffers (BatchNorm's running statistics)
+            # stay per rank while training and are rank 0's whenever they are read (broadcast_buffers
+            # before evaluation and checkpoints): BatchNorm's batch statistics are each rank's own batch.
+            ddp = self.group.data_parallel(adapted.model, self.device)
+            self.forward = torch.compile(ddp) if self.compiled else ddp
         self.checkpoint_path = run_dir / "checkpoint.pt"
         self.checkpoints_written = 0
         self._trainable = [p for _, p in adapted.named_trainable_parameters()]
@@ -388,7 +414,7 @@ class Trainer:
         self.augment_settings = AugmentSettings.from_config(augment)
         self.batch_augment = None
         if self.augment_settings.active:
-            self._check_mixing_batches(trainer["batch_size"])
+            self._check_mixing_batches(self.rank_batch_size)
             self.batch_augment = BatchAugment(
                 self.augment_settings, self._prepare, preprocessing.mean, num_classes, trainer["label_smoothing"]
             )
@@ -402,14 +428,22 @@ class Trainer:
             {"decay": self.ema.decay, "tensors": len(self.ema.names), "evaluated_with": "ema"} if self.ema else None
         )
 
+    def _check_data_parallel(self, augment: Mapping[str, Any] | None) -> None:
+        if not AugmentSettings.from_config(augment).drop_last:
+            raise ConfigError(
+                f"data-parallel training ({self.group.world_size} processes) drops each epoch's last partial batch, "
+                "so that every process takes the same steps and the run does not depend on the process count "
+                "(timm's distributed loaders: drop_last=is_training): set augment.drop_last=true"
+            )
+
     def _check_mixing_batches(self, batch_size: int) -> None:
         if not self.augment_settings.mixes:
             return
         if not self.augment_settings.drop_last or batch_size % 2:
             raise ConfigError(
                 "mixup/cutmix mix each image with the batch reversed (timm's Mixup), which needs even, full "
-                f"batches: set augment.drop_last=true (as timm's training loaders do) and an even "
-                f"trainer.batch_size (now {batch_size}, augment.drop_last={self.augment_settings.drop_last})"
+                f"batches: set augment.drop_last=true (as timm's training loaders do) and an even trainer.batch_size "
+                f"per process (now {batch_size}, augment.drop_last={self.augment_settings.drop_last})"
             )
 
     # --- pieces ---------------------------------------------------------------------------
@@ -449,6 +483,9 @@ class Trainer:
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
+        method_state = self.adapted.training_state()
+        if method_state:
+            state["method"] = method_state
         atomic_write_stream(self.checkpoint_path, lambda stream: torch.save(state, stream))
         self.checkpoints_written += 1
 
@@ -484,6 +521,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+        # applied after on_fit_start, which (re)initialises it
+        self.resumed_method_state = state.get("method", {})
         outcome = TrainOutcome(**state["outcome"])
         outcome.resumed_from_epoch = state["epoch"]
         return state["epoch"], outcome
@@ -506,14 +545,21 @@ class Trainer:
         writer.writerows(history)
         atomic_write_bytes(self.run_dir / "metrics.csv", text.getvalue().encode())
 
-    def evaluate(self, loader: DataLoader, limit_batches: int | None = None) -> dict[str, float]:
+    def evaluate(
+        self, loader: DataLoader, limit_batches: int | None = None, class_indices: list[int] | None = None
+    ) -> dict[str, float]:
         """Top-1 and loss on a split; with trainer.model_ema, of the EMA weights (SSF's train.py
-        reports the EMA model's metrics when --model-ema is on)."""
+        reports the EMA model's metrics when --model-ema is on). `class_indices`: only these
+        logits compete (a 200-class robustness set scored with the 1,000-way head). Data-parallel
+        ranks each read their share and the counts are summed, so every rank returns the
+        metrics of the whole split."""
         with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
-            return self._evaluate(loader, limit_batches)
+            return self._evaluate(loader, limit_batches, class_indices)
 
     @torch.no_grad()
-    def _evaluate(self, loader: DataLoader, limit_batches: int | None = None) -> dict[str, float]:
+    def _evaluate(
+        self, loader: DataLoader, limit_batches: int | None = None, class_indices: list[int] | None = None
+    ) -> dict[str, float]:
         self.adapted.set_train_mode(False)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         loss_sum = torch.zeros((), device=self.device)
@@ -527,11 +573,20 @@ class Trainer:
                 padding = inputs.new_zeros((self.cfg["eval_batch_size"] - len(inputs), *inputs.shape[1:]))
                 inputs = torch.cat([inputs, padding]).contiguous(memory_format=self.memory_format)
             with self._autocast():
-                logits = self.forward(inputs)[: len(labels)]
+                logits = self.eval_forward(inputs)[: len(labels)]
+            if class_indices is not None:
+                # Hendrycks' eval code: the set's classes' logits compete (san.data.hendrycks)
+                correct += subset_correct(logits, labels, class_indices)
+                logits = logits[:, class_indices]
+            else:
+                correct += (logits.argmax(dim=1) == labels).sum()
             loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-            correct += (logits.argmax(dim=1) == labels).sum()
             seen += labels.numel()
-        return {"top1": 100.0 * correct.item() / seen, "loss": loss_sum.item() / seen, "images": seen}
+        # float64 holds the counts exactly (up to 2**53)
+        totals = self.group.sum(torch.stack([correct.double(), loss_sum.double(), loss_sum.new_tensor(seen).double()]))
+        correct_total, loss_total, seen_total = totals.tolist()
+        seen_total = int(seen_total)
+        return {"top1": 100.0 * correct_total / seen_total, "loss": loss_total / seen_total, "images": seen_total}
 
     # --- the loop ---------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -603,14 +658,25 @@ class Trainer:
                 f"optim.warmup_epochs ({self.optim_cfg['warmup_epochs']}) + optim.cooldown_epochs "
                 f"({self.optim_cfg.get('cooldown_epochs', 0)}) leave no epoch of the {epochs} for the cosine decay"
             )
+        self.resumed_method_state: dict[str, Any] = {}
         start_epoch, outcome = self._load_checkpoint()
+        # Each process reads the checkpoint itself; on a shared file system one may see an older
+        # file than rank 0, and processes starting at different epochs would wait on each other forever.
+        if self.group.any(self.group.from_main(start_epoch) != start_epoch, self.device):
+            raise CheckpointError(
+                f"the processes of this run read different checkpoints at {self.checkpoint_path} (a shared file "
+                "system that had not caught up); rerun the same command to resume"
+            )
         self.adapted.on_fit_start(total_steps)
+        if start_epoch > 0:
+            self.adapted.load_training_state(self.resumed_method_state)
         if self.ema is not None and start_epoch == 0:
             self.ema.reset()  # the average starts from the weights training starts from (a resume loaded its own)
         with _sigterm_flag() as terminated:
             last_checkpoint = time.monotonic()
             for epoch in range(start_epoch, epochs):
                 row = self._fit_epoch(epoch, epochs, steps_per_epoch, fit_loader, outcome)
+                self.group.broadcast_buffers(self.adapted.model)  # rank 0's running statistics, read below
                 last = epoch + 1 == epochs
                 # By default only the last epoch is evaluated: the test split is read once by a final
                 # run. eval_every > 0 adds a curve (tune runs: val only; see configs/trainer).
@@ -622,15 +688,22 @@ class Trainer:
                     outcome.evaluations += 1
                     row.update({f"{eval_role}_{name}": value for name, value in metrics.items()})
                 outcome.history.append(row)
-                self._write_metrics_csv(outcome.history)
-                if not last and (terminated.is_set() or self._checkpoint_due(epoch + 1, last_checkpoint)):
-                    self._save_checkpoint(epoch + 1, outcome)
+                # Ranks stop and checkpoint together: SIGTERM may reach them at different moments, and
+                # their clocks differ.
+                stopping = self.group.any(terminated.is_set(), self.device)
+                checkpoint = self.group.any(self._checkpoint_due(epoch + 1, last_checkpoint), self.device)
+                if self.group.is_main:
+                    self._write_metrics_csv(outcome.history)
+                    if not last and (stopping or checkpoint):
+                        self._save_checkpoint(epoch + 1, outcome)
+                if not last and (stopping or checkpoint):
                     last_checkpoint = time.monotonic()
                 if on_epoch is not None:
                     on_epoch(row)
-                summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "lr"))
-                print(f"epoch {epoch + 1}/{epochs}: {summary}", flush=True)
-                if terminated.is_set() and not last:
+                if self.group.is_main:
+                    summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "lr"))
+                    print(f"epoch {epoch + 1}/{epochs}: {summary}", flush=True)
+                if stopping and not last:
                     raise TrainingInterrupted(
                         f"SIGTERM received: stopped after epoch {epoch + 1}/{epochs} with a checkpoint in "
                         f"{self.checkpoint_path}; run the same command again to resume"
@@ -646,7 +719,7 @@ class Trainer:
         outcome: TrainOutcome,
     ) -> dict:
         cfg = self.cfg
-        torch.manual_seed(epoch_seed(self.seed, epoch))
+        torch.manual_seed(rank_seed(self.seed, epoch, self.group.rank))
         fit_loader.generator.manual_seed(epoch_seed(self.seed, epoch))
         self.adapted.set_train_mode(True)
         loss_sum = torch.zeros((), device=self.device)
@@ -656,7 +729,7 @@ class Trainer:
             total=steps_per_epoch,
             desc=f"epoch {epoch + 1}/{epochs}",
             leave=False,
-            disable=None if cfg["progress"] else True,
+            disable=None if cfg["progress"] and self.group.is_main else True,
             dynamic_ncols=True,
         )
         lr = 0.0
@@ -670,8 +743,9 @@ class Trainer:
             loss_sum += loss * labels.numel()
             images_seen += labels.numel()
             if (index + 1) % cfg["nan_check_every"] == 0 or index + 1 == steps_per_epoch:
-                # A host sync, so only every few steps: enough to stop a diverged run early.
-                if not torch.isfinite(loss_sum):
+                # A host sync, so only every few steps: enough to stop a diverged run early. Over all
+                # ranks' losses, so that every rank stops at the same step.
+                if not torch.isfinite(self.group.sum(loss_sum)):
                     raise NonFiniteLossError(
                         f"training loss became non-finite in epoch {epoch + 1}, step {index + 1} "
                         f"(lr {lr:.3g}); lower optim.lr or enable trainer.grad_clip_norm"
@@ -679,18 +753,20 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_sum.item() / images_seen:.4f}", lr=f"{lr:.2e}")
             bar.update(1)
         bar.close()
+        totals = self.group.sum(torch.stack([loss_sum.double(), loss_sum.new_tensor(images_seen).double()]))
+        loss_total, images_total = totals.tolist()
         outcome.train_seconds += time.perf_counter() - started
-        outcome.train_images += images_seen
+        outcome.train_images += int(images_total)
         return {
             "epoch": epoch + 1,
             "lr": lr,
-            "train_loss": loss_sum.item() / images_seen,
+            "train_loss": loss_total / images_total,
             "train_seconds": time.perf_counter() - started,
         }
 
     def discard_checkpoint(self) -> None:
         """After the record is complete the checkpoint is only disk weight."""
-        if not self.cfg["keep_checkpoint"]:
+        if not self.cfg["keep_checkpoint"] and self.group.is_main:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.checkpoint_path)
 

@@ -57,7 +57,8 @@ def test_dry_run_prints_the_account_as_its_last_line_with_hand_computed_totals(c
 
 
 def test_account_fields_are_consistent():
-    _, account = dry_run_report(["experiment=demo", "plan.tasks=[demo_shape_loc]", *CHECKPOINT_POLICY])
+    methods = "plan.methods=[linear,bitfit,san,full]"
+    _, account = dry_run_report(["experiment=demo", "plan.tasks=[demo_shape_loc]", methods, *CHECKPOINT_POLICY])
     train, evaluation = account["train_flops"], account["eval_flops"]
     assert account["overhead_ratio"] == pytest.approx((train + evaluation) / train, abs=1e-4)
     assert account["predicted_h100_hours"] == pytest.approx(

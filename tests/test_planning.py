@@ -21,12 +21,12 @@ def full_composition(plan: Plan, stage: str, cell: Cell, point: tuple[str, ...],
     return config
 
 
-# Cells that cover what differs between jobs: method axes that replace (full's lr) or add
+# Cells that cover what differs between jobs: method axes that replace (linear's lr) or add
 # (VPT's prompt length) an axis, a labelled variant (++method.label plus fixed overrides), a
 # drop-path axis on the backbone, a per-task fixed override, FGVC's list-valued splits.
 # (Every job of these five experiments was compared once, outside the test suite.)
 CASES = [
-    ("demo", "full", "demo_object_count"),
+    ("demo", "linear", "demo_object_count"),
     ("vtab", "vpt_deep", "kitti"),
     ("fgvc", "adapter", "stanford_cars"),
     ("san_ablation", "san_no_propagation", "svhn"),

@@ -325,8 +325,10 @@ def test_an_experiment_report_shows_every_task_before_any_record(tmp_path):
         "natural": ["demo_digits"],
         "structured": ["demo_shape_loc", "demo_shape_ori", "demo_object_count"],
     }
-    assert len(table.missing) == 4 * 4 and all(r.cells[MEAN_ALL].missing for r in table.rows)
-    assert any("16 cell(s) have no selection yet" in line for line in report.console)
+    cells = len(table.tasks) * len(table.rows)
+    assert len(table.tasks) == 4 and len(table.rows) >= 3
+    assert len(table.missing) == cells and all(r.cells[MEAN_ALL].missing for r in table.rows)
+    assert any(f"{cells} cell(s) have no selection yet" in line for line in report.console)
 
 
 def test_a_run_records_where_its_task_goes():

@@ -266,3 +266,40 @@ def test_san_params_counts_both_methods():
         counts = parameter_counts(["backbone=test_swin", f"method={method_name}"])
         method = adapted(method_name, "test_swin")
         assert counts["trainable_without_head"] == method.parameter_counts()["trainable_without_head"] > 0
+
+
+@pytest.mark.slow
+def test_a_resumed_snella_run_allocates_as_the_uninterrupted_one(tmp_path, tiny_task, compose, monkeypatch):
+    """The importance averages and the allocation reached are in the checkpoint: a run killed in
+    its second epoch resumes to the same losses, budget and allocation count. (Averages restarted
+    from zeros would reallocate at the resumed run's first step by importance zero.)"""
+    from helpers import without_timings
+
+    from san.identity import resolved, run_dir_for
+    from san.records import read_record
+    from san.run import run
+    from san.trainer import Trainer
+
+    extra = ("method=snella", "method.allocations=6", "trainer.epochs=3", "trainer.checkpoint_every_epochs=1")
+    reference = read_record(run(compose(tiny_overrides(tmp_path / "ref", tiny_task, *extra))))
+    cfg = compose(tiny_overrides(tmp_path / "int", tiny_task, *extra))
+    original_epoch = Trainer._fit_epoch
+    calls = {"n": 0}
+
+    def dies_in_second_epoch(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return original_epoch(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_fit_epoch", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    saved = torch.load(run_dir_for(resolved(cfg)) / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["method"]["allocations_applied"] > 0
+    monkeypatch.setattr(Trainer, "_fit_epoch", original_epoch)
+    resumed = read_record(run(cfg))
+    assert resumed["cost"]["resumed_from_epoch"] == 1
+    assert resumed["method"]["facts"] == reference["method"]["facts"]
+    assert reference["method"]["facts"]["allocations_applied"] > saved["method"]["allocations_applied"]
+    assert without_timings(resumed["metrics"]["per_epoch"]) == without_timings(reference["metrics"]["per_epoch"])

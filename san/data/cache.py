@@ -158,13 +158,24 @@ class _Sized:
 
 
 class TensorLoader:
-    """Batches of a split held as one tensor; the DataLoader interface the trainer uses."""
+    """Batches of a split held as one tensor; the DataLoader interface the trainer uses.
+
+    A data-parallel process (`world` > 1) reads positions rank, rank + world, ... of the epoch's
+    order, as san.data.loaders.ShardSampler does on the DataLoader path."""
 
     def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, cache_file: Path | None = None
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        shuffle: bool,
+        cache_file: Path | None = None,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle = batch_size, shuffle
+        self.rank, self.world = rank, world
         self.generator = torch.Generator()
         self.dataset = _Sized(len(labels))
         self.cache_file = cache_file
@@ -179,7 +190,7 @@ class TensorLoader:
         return True
 
     def __len__(self) -> int:
-        return (len(self.labels) + self.batch_size - 1) // self.batch_size
+        return (len(range(self.rank, len(self.labels), self.world)) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
         count = len(self.labels)
@@ -189,6 +200,11 @@ class TensorLoader:
             # RandomSampler draws the permutation: draw the same two, in the same order.
             torch.empty((), dtype=torch.int64).random_(generator=self.generator)
             order = torch.randperm(count, generator=self.generator).to(self.labels.device)
+        if self.world > 1:
+            if order is None:
+                order = torch.arange(count, device=self.labels.device)
+            order = order[self.rank :: self.world]
+            count = len(order)
         for start in range(0, count, self.batch_size):
             if order is None:
                 yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]

@@ -96,6 +96,16 @@ class AdaptedModel:
     def after_optimizer_step(self, step: int) -> None:
         """Called after every optimizer step, gradients still present (AdaLoRA's budget)."""
 
+    def training_state(self) -> dict[str, Any]:
+        """Method state that is not a tensor of the model but decides later steps (SNELLA's
+        importance averages and allocation), saved in the run's checkpoint so a resumed run goes
+        on as the uninterrupted one would: tensors and plain values only (the checkpoint loads
+        with weights_only). Empty for methods whose state is all in their parameters."""
+        return {}
+
+    def load_training_state(self, state: Mapping[str, Any]) -> None:
+        """Restore `training_state()` after `on_fit_start` on resume."""
+
     def record_facts(self) -> dict[str, object]:
         """Facts about the trained method that only it knows (SNELL's density reached), stored
         as the record's `method.facts` after training; JSON values only."""

@@ -11,7 +11,9 @@ as its records will be); the published numbers beside them ship with the package
 with what is known of how it was made (reference/provenance_*.csv). Cells are flagged from
 the records (at chance, spread over seeds) and from the selection files (grid edge). Final
 runs that kept a literature curve (protocol.literature_curve) get a second table: the same
-runs' best test epoch beside our last epoch, and the gap.
+runs' best test epoch beside our last epoch, and the gap. Final runs that also scored their
+models on evaluation-only sets (protocol.extra_evaluations; `experiment=gic`: ImageNet-A/R/C
+after ImageNet-1K) get a column per set, named and scored as their records and configs say.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ import pandas as pd
 
 from san.records import layout_facts
 from san.report import render
-from san.report.results import LoadedResults, ReportError, load_final_results, load_results_dir
+from san.report.results import (
+    LoadedResults,
+    ReportError,
+    extra_evaluation_metrics,
+    load_final_results,
+    load_results_dir,
+)
 from san.report.tables import (
     PROVENANCE_TEXT,
     TEST_MARK,
@@ -35,6 +43,8 @@ from san.report.tables import (
     build_literature_table,
     build_suite_table,
     efficiency_frame,
+    evaluation_columns,
+    recorded_evaluations,
 )
 
 # A task whose records name no group (a dataset config without `group`) is in this one.
@@ -251,6 +261,11 @@ def write_table(
         )
     for method, task in table.missing:
         output.console.append(f"  missing {method} x {task}: {fill_hint.format(method=method, task=task)}")
+    for method, evaluation in table.missing_evaluations:
+        output.console.append(
+            f"  missing {method} x {evaluation.label}: scored by the {evaluation.task} final runs "
+            f"(protocol.extra_evaluations); {fill_hint.format(method=method, task=evaluation.task)}"
+        )
     for method, task, flag, detail in table.flagged:
         output.console.append(f"  [{flag}] {method} x {task}: {detail}")
     chosen_on_test = [r.method for r in table.rows if r.source == "published" and r.marker == TEST_MARK]
@@ -347,12 +362,18 @@ def report_experiment(
     # A task with no record yet still gets its (missing) column, so no mean covers fewer tasks
     # than the experiment has; its place is what its records will say (from its run config).
     recorded, first_method = set(loaded.frame.task), next(iter(plan.methods))
-    pending = [
-        layout_facts(plan.final_jobs(Cell(plan.backbone, first_method, task), ())[0].config)
+    pending_configs = {
+        task: plan.final_jobs(Cell(plan.backbone, first_method, task), ())[0].config
         for task in plan.tasks
         if task not in recorded
-    ]
-    layout = task_layout(_recorded_facts(loaded.frame) + pending)
+    }
+    layout = task_layout(_recorded_facts(loaded.frame) + [layout_facts(c) for c in pending_configs.values()])
+    # the further test sets a task's final runs evaluate, where its records will say them
+    evaluated: dict[str, dict[str, str]] = {}
+    for task, metrics in recorded_evaluations(loaded.frame):
+        evaluated.setdefault(task, {}).update(metrics)
+    evaluated.update({task: extra_evaluation_metrics(config) for task, config in pending_configs.items()})
+    evaluations = evaluation_columns([(task, evaluated[task]) for task in layout.tasks if evaluated.get(task)])
     suites = sorted(loaded.frame.suite.unique()) or ["-"]
     published, source = published_reference(suites[0], plan.backbone, reference_dir) if len(suites) == 1 else (None, "")
     provenance = published_provenance(suites[0], plan.backbone, reference_dir) if len(suites) == 1 else None
@@ -368,6 +389,7 @@ def report_experiment(
         provenance=provenance,
         grid_edges=selection_edges(_selection_documents(selections), loaded.frame),
         method_notes=method_notes(),
+        evaluations=evaluations,
     )
     table.backbone = plan.backbone
     hint = f"san-sweep experiment={plan.name} backbone={plan.backbone} method={{method}} dataset={{task}}"

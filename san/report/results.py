@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
@@ -34,6 +34,7 @@ COLUMNS = [
     "eval_images_per_s",
     "peak_mem_bytes",
     "peak_mem_kind",
+    "optimizer_state_bytes",
     "device",
     "forward_flops_per_image",
     "train_flops_per_image",
@@ -43,8 +44,15 @@ COLUMNS = [
     "point",
     "literature_max_top1",
     "literature_every",
+    "extra_evaluations",
     "path",
 ]
+
+# The figure an evaluation-only set is headlined by: the one its dataset config's `split_summary`
+# computes (san/robustness.py SPLIT_SUMMARIES; ImageNet-C's mCE), else its top-1.
+SUMMARY_HEADLINES = {"imagenet_c_mce": "mce"}
+TOP1 = "top1"
+EXTRA_EVALUATIONS_KEY = "extra_evaluations"  # record["metrics"][...], written by san/run.py
 
 
 class ReportError(UserError, RuntimeError):
@@ -74,6 +82,34 @@ def _task_order(record: dict) -> tuple[str, ...] | None:
     return tuple(order) if order else None
 
 
+def extra_evaluation_metrics(config: Mapping[str, Any]) -> dict[str, str]:
+    """{set: the key of its headline figure} for each set a run's config evaluates its final model
+    on after training (protocol.extra_evaluations, in that order; the set's own config under
+    extra_datasets). Read from a record's config or from a planned job's."""
+    names = list((config.get("protocol") or {}).get("extra_evaluations") or [])
+    datasets = config.get("extra_datasets") or {}
+    metrics = {}
+    for name in names:
+        summary = (datasets.get(name) or {}).get("split_summary")
+        if summary is not None and summary not in SUMMARY_HEADLINES:
+            raise ReportError(
+                f"dataset {name!r}: the report has no headline figure for split_summary {summary!r}; known: "
+                f"{sorted(SUMMARY_HEADLINES)}. Add it to san/report/results.py SUMMARY_HEADLINES"
+            )
+        metrics[name] = SUMMARY_HEADLINES.get(summary, TOP1)
+    return metrics
+
+
+def _extra_evaluations(record: dict) -> dict[str, dict[str, Any]]:
+    """{set: {"metric", "value"}} for the sets the run's config names; value None where the
+    record has no result for a set (a record written before the run evaluated it)."""
+    results = record["metrics"].get(EXTRA_EVALUATIONS_KEY) or {}
+    return {
+        name: {"metric": metric, "value": (results.get(name) or {}).get(metric)}
+        for name, metric in extra_evaluation_metrics(record.get("config") or {}).items()
+    }
+
+
 def _row(record: dict, path: Path) -> dict:
     metric = f"{record['splits']['evaluate']}_top1"
     cost = record.get("cost", {})
@@ -95,6 +131,8 @@ def _row(record: dict, path: Path) -> dict:
         "eval_images_per_s": cost.get("eval_images_per_s"),
         "peak_mem_bytes": cost.get("peak_mem_bytes"),
         "peak_mem_kind": cost.get("peak_mem_kind"),
+        # the optimizer's own tensors (AdamW's moments, GaLore's low-rank ones); records before it: none
+        "optimizer_state_bytes": cost.get("optimizer_state_bytes"),
         "device": record.get("env", {}).get("device"),
         # counted at run time for this task's own model (records before schema 1.1 have none)
         "forward_flops_per_image": record.get("efficiency", {}).get("forward_flops_per_image"),
@@ -109,6 +147,8 @@ def _row(record: dict, path: Path) -> dict:
         # protocol.literature_curve: the best test epoch of the same run, never the headline
         "literature_max_top1": curve.get("max_test_top1"),
         "literature_every": curve.get("every_epochs"),
+        # protocol.extra_evaluations: the final model also scored on evaluation-only sets (ImageNet-A/R/C)
+        "extra_evaluations": _extra_evaluations(record),
         "path": str(path),
     }
 

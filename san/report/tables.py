@@ -8,6 +8,12 @@ row, then the published row for the same method when a reference file has one, e
 labelled with the method's name. A summary column is computed only from complete rows:
 a missing task makes its group mean missing, never a mean over fewer tasks.
 
+A suite whose final runs also evaluate their models on evaluation-only sets
+(protocol.extra_evaluations: SSF's GIC table scores the ImageNet-1K models on ImageNet-A, -R
+and -C) gets one column per set after the tasks, its headline figure as the records name it
+(top-1, or ImageNet-C's mean corruption error, where lower is better and the lowest is bold).
+Those columns are in no mean: the means are over the fitted tasks.
+
 A measured cell is flagged when it should not be read as a method's accuracy: its grid point
 lies on the edge of the tuning grid (`edge`, from the selection file), its mean is at chance
 (`chance`: within CHANCE_MARGIN points of 100 / num_classes, or below) or its seeds disagree
@@ -24,7 +30,7 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from san.report.results import ReportError
+from san.report.results import TOP1, ReportError
 
 MEAN_ALL = "mean"
 MEAN_OF_GROUPS = "mean of groups"
@@ -47,7 +53,12 @@ FLAG_TEXT = {
 TEST_CHOSEN = {"test_max_over_epochs"}
 TEST_MARK = "†"
 PROVENANCE_TEXT = {
-    "data": {"tfds": "tfds (in memory)", "noah_jpeg": "NOAH JPEG release", "unknown": "unknown"},
+    "data": {
+        "tfds": "tfds (in memory)",
+        "noah_jpeg": "NOAH JPEG release",
+        "torchvision": "torchvision's copy (timm's torch/<name> dataset)",
+        "unknown": "unknown",
+    },
     "checkpoint": {
         "orig_in21k": "original ViT-B_16.npz (orig_in21k)",
         "augreg_in21k": "AugReg in21k (augreg_in21k)",
@@ -61,8 +72,56 @@ PROVENANCE_TEXT = {
 }
 
 
+# The headline figures of evaluation-only sets (results.SUMMARY_HEADLINES): the column's
+# suffix, the footnote's text, and which are better lower.
+METRIC_SUFFIX = {TOP1: "", "mce": " mCE"}
+METRIC_TEXT = {
+    TOP1: "top-1 (%)",
+    "mce": "mean corruption error (%; Hendrycks & Dietterich, AlexNet-normalised; lower is better, bold is lowest)",
+}
+LOWER_IS_BETTER = {"mce"}
+
+
 class MixedBackbonesError(ReportError):
     pass
+
+
+@dataclass(frozen=True)
+class EvaluationColumn:
+    """A further test set the final models of `task` were evaluated on after training."""
+
+    task: str
+    dataset: str
+    metric: str  # the key of its headline figure in the record: "top1", "mce"
+    label: str  # the column's name in the table
+
+
+def evaluation_columns(evaluated: Sequence[tuple[str, Mapping[str, str]]]) -> list[EvaluationColumn]:
+    """Columns for (task, {set: metric}) pairs, in the order given, each set once per task;
+    a set evaluated after two tasks names its task in both columns."""
+    seen: dict[tuple[str, str], str] = {}
+    for task, metrics in evaluated:
+        for dataset, metric in metrics.items():
+            seen.setdefault((task, dataset), metric)
+    tasks_of: dict[str, set[str]] = {}
+    for task, dataset in seen:
+        tasks_of.setdefault(dataset, set()).add(task)
+    columns = []
+    for (task, dataset), metric in seen.items():
+        name = dataset if len(tasks_of[dataset]) == 1 else f"{task}: {dataset}"
+        columns.append(EvaluationColumn(task, dataset, metric, name + METRIC_SUFFIX.get(metric, f" {metric}")))
+    return columns
+
+
+def recorded_evaluations(frame: pd.DataFrame) -> list[tuple[str, dict[str, str]]]:
+    """(task, {set: metric}) of the records' extra evaluations, in the frame's order."""
+    if frame.empty or "extra_evaluations" not in frame:
+        return []
+    return [
+        (task, {name: entry["metric"] for name, entry in evaluations.items()})
+        for task, evaluations in zip(frame["task"], frame["extra_evaluations"])
+        if isinstance(evaluations, dict) and evaluations
+    ]
 
 
 @dataclass
@@ -103,6 +162,9 @@ class SuiteTable:
     missing: list[tuple[str, str]] = field(default_factory=list)  # (method, task) without a measured value
     flagged: list[tuple[str, str, str, str]] = field(default_factory=list)  # (method, task, flag, detail)
     show_params: bool = True
+    evaluations: list[EvaluationColumn] = field(default_factory=list)
+    # (method, evaluation column) without a measured value
+    missing_evaluations: list[tuple[str, EvaluationColumn]] = field(default_factory=list)
 
     @property
     def summary_columns(self) -> list[str]:
@@ -112,14 +174,26 @@ class SuiteTable:
     @property
     def columns(self) -> list[str]:
         extra = [DELTA] if any(r.source == "published" for r in self.rows) else []
-        return [*self.tasks, *self.summary_columns, *([PARAMS] if self.show_params else []), *extra]
+        evaluations = [e.label for e in self.evaluations]
+        return [*self.tasks, *evaluations, *self.summary_columns, *([PARAMS] if self.show_params else []), *extra]
+
+    @property
+    def lower_is_better(self) -> set[str]:
+        return {e.label for e in self.evaluations if e.metric in LOWER_IS_BETTER}
 
     def best(self, column: str) -> float | None:
-        """The best measured value of a column (bold in the rendered table)."""
+        """The best measured value of a column (bold in the rendered table): the lowest where
+        lower is better (an error), else the highest."""
         if column in (PARAMS, DELTA):
             return None
-        values = [r.cells[column].mean for r in self.rows if r.source == "measured" and not r.cells[column].missing]
-        return max(values) if values else None
+        values = [
+            r.cells[column].mean
+            for r in self.rows
+            if r.source == "measured" and column in r.cells and not r.cells[column].missing
+        ]
+        if not values:
+            return None
+        return min(values) if column in self.lower_is_better else max(values)
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -153,6 +227,16 @@ def _score(rows: pd.DataFrame, column: str) -> Score:
     return Score(sum(values) / len(values), std, len(values), spread)
 
 
+def _evaluation_score(rows: pd.DataFrame, evaluation: EvaluationColumn) -> Score:
+    """The headline figure of `evaluation` over the seeds of its task's records."""
+    values = [
+        (entry.get(evaluation.dataset) or {}).get("value")
+        for entry in rows.loc[rows.task == evaluation.task, "extra_evaluations"]
+        if isinstance(entry, dict)
+    ]
+    return _score(pd.DataFrame({"value": [v for v in values if v is not None]}, dtype=float), "value")
+
+
 def measured_row(
     frame: pd.DataFrame,
     method: str,
@@ -161,9 +245,12 @@ def measured_row(
     grid_edges: Mapping[tuple[str, str], str] | None = None,
     column: str = "top1",
     source: str = "measured",
+    evaluations: Sequence[EvaluationColumn] = (),
 ) -> Row:
     """The method's row from `column` of its records (`top1`: the last epoch's test top-1),
-    each task's cell flagged where it sits on a grid edge, at chance or spread over seeds."""
+    each task's cell flagged where it sits on a grid edge, at chance or spread over seeds; then
+    each evaluation column from its task's records (no flags: a robustness set's accuracy is
+    meant to be low)."""
     rows = frame[frame.method == method]
     cells: dict[str, Score] = {}
     for task in tasks:
@@ -179,6 +266,7 @@ def measured_row(
         if cell.spread is not None and cell.spread > SPREAD_LIMIT:
             cell.flags.append("spread")
     cells.update(_summaries(cells, tasks, groups))
+    cells.update({e.label: _evaluation_score(rows, e) for e in evaluations})
     params = rows["params_without_head"].dropna()
     cells[PARAMS] = Score(float(params.iloc[0]) / 1e6 if not params.empty else None)
     return Row(method, source, cells)
@@ -190,9 +278,14 @@ def published_row(
     groups: dict[str, list[str]],
     source: str,
     provenance: Mapping[str, str] | None = None,
+    evaluations: Sequence[EvaluationColumn] = (),
 ) -> Row:
-    cells = {t: Score(float(reference[t]) if t in reference and not pd.isna(reference[t]) else None) for t in tasks}
+    def published(column: str) -> Score:
+        return Score(float(reference[column]) if column in reference and not pd.isna(reference[column]) else None)
+
+    cells = {t: published(t) for t in tasks}
     cells.update(_summaries(cells, tasks, groups))
+    cells.update({e.label: published(e.label) for e in evaluations})
     params = reference.get("params_m")
     cells[PARAMS] = Score(float(params) if params is not None and not pd.isna(params) else None)
     marker = TEST_MARK if provenance and provenance.get("selection") in TEST_CHOSEN else ""
@@ -232,10 +325,17 @@ def build_suite_table(
     provenance: pd.DataFrame | None = None,
     grid_edges: Mapping[tuple[str, str], str] | None = None,
     method_notes: Mapping[str, str] | None = None,
+    evaluations: Sequence[EvaluationColumn] | None = None,
 ) -> SuiteTable:
     """`frame`: final results of one backbone on one suite (see results.load_final_results).
     `provenance`: how each published row was made (by method); `grid_edges`: (method, task) ->
-    the selection's edge description; `method_notes`: registered method -> what it is."""
+    the selection's edge description; `method_notes`: registered method -> what it is;
+    `evaluations`: the further test sets' columns (None: those the records carry)."""
+    if evaluations is None:
+        order = {task: index for index, task in enumerate(tasks)}
+        recorded = sorted(recorded_evaluations(frame), key=lambda pair: order.get(pair[0], len(order)))
+        evaluations = evaluation_columns(recorded)
+    evaluations = list(evaluations)
     backbones = sorted(frame.backbone.unique()) if not frame.empty else []
     if len(backbones) > 1:
         raise MixedBackbonesError(f"one table holds one backbone; {title!r} got {backbones}: build one per backbone")
@@ -247,16 +347,18 @@ def build_suite_table(
     )
     made = {} if provenance is None else {str(r["method"]): r.to_dict() for _, r in provenance.iterrows()}
     for method in methods:
-        row = measured_row(frame, method, tasks, groups, grid_edges)
+        row = measured_row(frame, method, tasks, groups, grid_edges, evaluations=evaluations)
         rows.append(row)
         if method in published_by_method:
-            reference = published_row(published_by_method[method], tasks, groups, published_source, made.get(method))
+            reference = published_row(
+                published_by_method[method], tasks, groups, published_source, made.get(method), evaluations
+            )
             rows.append(reference)
             mine, theirs = row.cells[MEAN_ALL].mean, reference.cells[MEAN_ALL].mean
             row.cells[DELTA] = Score(None if mine is None or theirs is None else mine - theirs)
     for method, reference in published_by_method.items():
         if method not in methods:
-            rows.append(published_row(reference, tasks, groups, published_source, made.get(method)))
+            rows.append(published_row(reference, tasks, groups, published_source, made.get(method), evaluations))
     for row in rows:
         row.cells.setdefault(DELTA, Score())
     missing = [(r.method, t) for r in rows if r.source == "measured" for t in tasks if r.cells[t].missing]
@@ -268,6 +370,10 @@ def build_suite_table(
         for flag in r.cells[t].flags
     ]
     table = SuiteTable(title, suite, backbone, tasks, groups, rows, missing=missing, flagged=flagged)
+    table.evaluations = evaluations
+    table.missing_evaluations = [
+        (r.method, e) for r in rows if r.source == "measured" for e in evaluations if r.cells[e.label].missing
+    ]
     seeds = sorted(
         {c.seeds for r in rows if r.source == "measured" for t, c in r.cells.items() if t in tasks and c.seeds}
     )
@@ -276,6 +382,7 @@ def build_suite_table(
         f"{', '.join(map(str, seeds)) or '-'}); summary columns are means of the per-task means and are blank when a "
         "task is missing. Bold: best measured value."
     )
+    table.footnotes += _evaluation_footnotes(evaluations)
     with_head = frame.groupby("method")["params_trainable"].mean() / 1e6 if not frame.empty else pd.Series(dtype=float)
     if not with_head.empty:
         table.footnotes.append(
@@ -301,6 +408,22 @@ def build_suite_table(
         )
     table.footnotes += [provenance_note(r, made[r.method]) for r in published_rows if r.method in made]
     return table
+
+
+def _evaluation_footnotes(evaluations: Sequence[EvaluationColumn]) -> list[str]:
+    """What each evaluation column holds, one sentence per fitted task whose models it scores."""
+    notes = []
+    for task in dict.fromkeys(e.task for e in evaluations):
+        columns = [e for e in evaluations if e.task == task]
+        described = "; ".join(
+            f"{', '.join(e.label for e in columns if e.metric == metric)}: {METRIC_TEXT.get(metric, metric)}"
+            for metric in dict.fromkeys(e.metric for e in columns)
+        )
+        notes.append(
+            f"The {task} final models evaluated after training on further test sets (protocol.extra_evaluations), "
+            f"as each set's dataset config scores it, mean over seeds: {described}. These columns are in no mean."
+        )
+    return notes
 
 
 def _flag_detail(flag: str, cell: Score, edge: str) -> str:
@@ -359,10 +482,12 @@ def build_literature_table(frame: pd.DataFrame, table: SuiteTable) -> SuiteTable
 
 
 def efficiency_frame(frame: pd.DataFrame, flops: dict[str, float] | None = None) -> pd.DataFrame:
-    """Per method: trainable parameters, FLOPs per image, peak memory and throughputs (from the records)."""
+    """Per method: trainable parameters, FLOPs per image, peak memory, optimizer state and
+    throughputs (from the records)."""
     if frame.empty:
         return pd.DataFrame()
     grouped = frame.groupby("method")
+    optimizer_state = pd.to_numeric(frame["optimizer_state_bytes"], errors="coerce")  # None where unrecorded
     table = pd.DataFrame(
         {
             # mean over the method's tasks: a method's count can differ per task (VPT's prompt length)
@@ -370,6 +495,9 @@ def efficiency_frame(frame: pd.DataFrame, flops: dict[str, float] | None = None)
             "train images/s": grouped["train_images_per_s"].mean(),
             "eval images/s (unmerged)": grouped["eval_images_per_s"].mean(),
             "peak memory (GiB)": grouped["peak_mem_bytes"].max() / 2**30,
+            # part of the peak: AdamW's two moments, or GaLore's low-rank state (its claim); blank
+            # for records written before runs counted it
+            "optimizer state (MiB)": optimizer_state.groupby(frame["method"]).max() / 2**20,
             "memory measured as": grouped["peak_mem_kind"].first(),
             "device": grouped["device"].first(),
             "data": grouped["data_variant"].agg(lambda variants: ", ".join(sorted(set(variants)))),
