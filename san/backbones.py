@@ -175,8 +175,30 @@ def _hub_help(cfg: Mapping[str, Any], error: Exception) -> str:
     )
 
 
+# How the new classifier starts (backbone.head_init): `timm`, the architecture's own init, or
+# `zeros`, as google-research/vision_transformer fine-tunes (vit_jax/models_vit.py: the head's
+# kernel and bias initialised to zeros), which starts every task at the uniform prediction.
+HEAD_INITS = ("timm", "zeros")
+
+
 def create_backbone(cfg: Mapping[str, Any], num_classes: int) -> tuple[nn.Module, WeightsInfo]:
-    """Create the timm model named by a backbone config, with its weights loaded."""
+    """Create the timm model named by a backbone config, with its weights loaded and its new
+    classifier initialised as `head_init` says."""
+    head_init = cfg.get("head_init", "timm")
+    if head_init not in HEAD_INITS:
+        raise ConfigError(
+            f"unknown backbone.head_init {head_init!r}; accepted: {list(HEAD_INITS)} "
+            "(for example backbone.head_init=zeros)"
+        )
+    model, info = _create_with_weights(cfg, num_classes)
+    if head_init == "zeros" and not next(model.parameters()).is_meta:
+        with torch.no_grad():
+            for parameter in model.get_classifier().parameters():
+                parameter.zero_()
+    return model, info
+
+
+def _create_with_weights(cfg: Mapping[str, Any], num_classes: int) -> tuple[nn.Module, WeightsInfo]:
     kwargs = dict(cfg.get("kwargs") or {})
     kwargs["drop_path_rate"] = cfg.get("drop_path_rate", 0.0)
     name = cfg["timm_name"]

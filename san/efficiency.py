@@ -14,6 +14,7 @@ so a frozen backbone (no weight gradients, only activation gradients) and linear
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Any, Mapping
 
 import torch
@@ -99,11 +100,19 @@ def run_flops(config: Mapping[str, Any]) -> dict[str, Any]:
     such as PiSSA's SVD). Global RNG state is left untouched, so counting never changes a
     run's result."""
     backbone, num_classes = config["backbone"], config["dataset"]["num_classes"]
-    with torch.random.fork_rng(devices=[]):
-        try:
-            return count_adapted(backbone, config["method"], num_classes, "meta")[0]
-        except (NotImplementedError, RuntimeError):
-            return count_adapted(backbone, config["method"], num_classes, "cpu")[0]
+    # Counting takes seconds (2.6 s for EfficientNet-Lite0, more than a demo run's evaluation), and
+    # a sweep run in one process repeats the same model for every lr and seed: count it once.
+    key = json.dumps([backbone, config["method"], num_classes], sort_keys=True, default=str)
+    if key not in _RUN_FLOPS:
+        with torch.random.fork_rng(devices=[]):
+            try:
+                _RUN_FLOPS[key] = count_adapted(backbone, config["method"], num_classes, "meta")[0]
+            except (NotImplementedError, RuntimeError):
+                _RUN_FLOPS[key] = count_adapted(backbone, config["method"], num_classes, "cpu")[0]
+    return dict(_RUN_FLOPS[key])
+
+
+_RUN_FLOPS: dict[str, dict[str, Any]] = {}
 
 
 def count_adapted(

@@ -84,6 +84,8 @@ _NEUTRAL_VALUES: dict[tuple[str, str], Any] = {
     ("augment", "mixup_switch_prob"): 0.5,
     ("augment", "mixup_mode"): "batch",
     ("augment", "drop_last"): False,
+    # the new classifier at the architecture's own init (configs/backbone/*.yaml, san/backbones.py)
+    ("backbone", "head_init"): "timm",
 }
 _IDENTITY_GROUPS = ("backbone", "method", "dataset", "protocol", "trainer", "optim", "augment")
 # Groups added after records existed: left out of the identity while every setting in them is

@@ -70,7 +70,13 @@ def test_none_yaml_the_dataclass_and_the_neutral_values_agree():
 
 def _without_new_settings(config: dict) -> dict:
     config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items() if k != "augment"}
-    for group, key in (("trainer", "model_ema"), ("trainer", "model_ema_decay"), ("optim", "warmup_lr_ratio")):
+    new_keys = (
+        ("trainer", "model_ema"),
+        ("trainer", "model_ema_decay"),
+        ("optim", "warmup_lr_ratio"),
+        ("backbone", "head_init"),
+    )
+    for group, key in new_keys:
         del config[group][key]
     return config
 
@@ -82,6 +88,7 @@ def _without_new_settings(config: dict) -> dict:
 def test_default_identity_is_the_same_with_and_without_the_new_keys(tmp_path, overrides):
     config = resolved(compose_config([f"paths.root_dir={tmp_path}", *overrides]))
     assert "augment" in config and "model_ema" in config["trainer"] and "warmup_lr_ratio" in config["optim"]
+    assert config["backbone"]["head_init"] == "timm"
     assert identity(config) == identity(_without_new_settings(config))
 
 
@@ -93,6 +100,7 @@ def test_default_identity_is_the_same_with_and_without_the_new_keys(tmp_path, ov
         "augment.hflip=0.5",
         "trainer.model_ema=true",
         "optim.warmup_lr_ratio=0.5",
+        "backbone.head_init=zeros",
     ],
 )
 def test_switched_on_the_new_settings_count(tmp_path, switch):

@@ -15,6 +15,7 @@ from PIL import Image
 
 from san.backbones import WeightsUnavailableError, create_backbone, data_config, file_sha256, tensors_sha256
 from san.config import compose_config
+from san.errors import ConfigError
 
 
 def backbone_cfg(name: str, *overrides: str) -> dict:
@@ -45,6 +46,23 @@ def test_effnet_lite0_real_weights_classify_china_jpg():
 def test_effnet_head_is_replaced_for_a_new_task():
     model, _ = create_backbone(backbone_cfg("effnet_lite0"), num_classes=7)
     assert model.get_classifier().out_features == 7
+
+
+def test_head_init_zeros_starts_at_the_uniform_prediction_with_the_same_backbone():
+    timm_init, timm_weights = create_backbone(backbone_cfg("effnet_lite0"), num_classes=8)
+    zeroed, zero_weights = create_backbone(backbone_cfg("effnet_lite0", "backbone.head_init=zeros"), num_classes=8)
+    assert timm_init.get_classifier().weight.abs().sum() > 0  # timm's init: uniform weights (biases zero)
+    assert all(torch.count_nonzero(p) == 0 for p in zeroed.get_classifier().parameters())
+    assert zero_weights.sha256 == timm_weights.sha256  # the backbone's weights hash leaves the head out
+    zeroed.eval()
+    with torch.no_grad():
+        probabilities = zeroed(torch.randn(2, 3, 64, 64)).softmax(-1)
+    assert torch.allclose(probabilities, torch.full_like(probabilities, 1 / 8))
+
+
+def test_unknown_head_init_lists_the_accepted_ones():
+    with pytest.raises(ConfigError, match=r"accepted: \['timm', 'zeros'\]"):
+        create_backbone(backbone_cfg("test_vit", "backbone.head_init=small"), num_classes=10)
 
 
 def test_hub_weights_unavailable_fail_fast_with_advice():
