@@ -81,12 +81,25 @@ def _conv_backward_flops(
 
 def count_training_flops(model: torch.nn.Module, input_size: int, device: str | torch.device = "cpu") -> int:
     """FLOPs of one forward + backward for one image, as autograd runs them for this model's
-    trainable set (matmuls and convs)."""
+    trainable set (matmuls and convs).
+
+    Counted on one image. In training mode a BatchNorm that sees a 1x1 map (EfficientNet at
+    32 px) refuses a batch of one; such a model is counted on two images and halved, which
+    counts a product made once per batch (SNELL's ΔW, DoRA's norm) at half its one-image cost."""
+    try:
+        return _training_flops(model, input_size, device, batch=1)
+    except ValueError as error:
+        if "Expected more than 1 value per channel" not in str(error):
+            raise
+        return _training_flops(model, input_size, device, batch=2) // 2
+
+
+def _training_flops(model: torch.nn.Module, input_size: int, device: str | torch.device, batch: int) -> int:
     model.train()
     with FlopCounterMode(
         display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops}
     ) as counter:
-        logits = model(torch.zeros(1, 3, input_size, input_size, device=device))
+        logits = model(torch.zeros(batch, 3, input_size, input_size, device=device))
         logits.float().sum().backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()

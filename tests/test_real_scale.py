@@ -328,6 +328,20 @@ def test_depthwise_convolution_backward_is_not_counted_as_dense():
     assert count_training_flops(conv, 8, "cpu") == total_forward + 2 * depthwise + 2 * 3 * 64 * 8 * 8
 
 
+def test_a_batchnorm_on_a_one_pixel_map_is_counted_on_two_images():
+    """In training mode BatchNorm refuses one value per channel (EfficientNet at 32 px ends on a
+    1x1 map); the count falls back to two images, halved, and equals the hand count."""
+    from san.efficiency import count_flops, count_training_flops
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 5))
+    for parameter in model[0].parameters():
+        parameter.requires_grad_(False)
+    conv, linear = 2 * 3 * 16 * 8, 2 * 8 * 5
+    assert count_flops(model, 4, "cpu") == conv + linear
+    # backward: the Linear's weight and input gradients, the frozen conv's nothing
+    assert count_training_flops(model, 4, "cpu") == conv + 3 * linear
+
+
 @pytest.mark.slow
 def test_records_carry_their_own_flops_and_a_known_or_unknown_peak(tmp_path, tiny_task):
     from san.efficiency import model_flop_utilisation
