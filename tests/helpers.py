@@ -13,6 +13,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import pytest
 import timm
 import torch
 import torch.nn.functional as F
@@ -124,3 +125,24 @@ def trainable_names(adapted) -> set[str]:
 def without_timings(rows: list[dict]) -> list[dict]:
     """Per-epoch metric rows without their wall-clock fields, which differ between equal runs."""
     return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in rows]
+
+
+def run_killed_in_second_epoch(cfg) -> None:
+    """Run `cfg` and kill it as its second epoch starts (a KeyboardInterrupt from inside the
+    trainer), leaving what the run had written by then: its record and its checkpoint."""
+    from san.run import run
+    from san.trainer import Trainer
+
+    original_epoch = Trainer._fit_epoch
+    calls = {"n": 0}
+
+    def dies_in_second_epoch(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return original_epoch(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "_fit_epoch", dies_in_second_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg)

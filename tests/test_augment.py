@@ -15,7 +15,7 @@ import timm.data.auto_augment as timm_aa
 import torch
 import torch.nn.functional as F
 from conftest import tiny_overrides
-from helpers import without_timings
+from helpers import run_killed_in_second_epoch, without_timings
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -453,7 +453,7 @@ def test_evaluation_reads_the_ema_weights_and_restores_the_live_ones(tmp_path, t
 
 
 @pytest.mark.slow
-def test_a_resumed_augmented_ema_run_equals_an_uninterrupted_one(tmp_path, tiny_task, monkeypatch):
+def test_a_resumed_augmented_ema_run_equals_an_uninterrupted_one(tmp_path, tiny_task):
     """Batch augmentation draws from torch's generator (reseeded per epoch) and the EMA is in the
     checkpoint: killed after epoch 1 and resumed, the run computes what an uninterrupted one does
     (the per-epoch evaluations read the EMA weights)."""
@@ -470,19 +470,7 @@ def test_a_resumed_augmented_ema_run_equals_an_uninterrupted_one(tmp_path, tiny_
     reference = json.loads(run(compose_config(tiny_overrides(tmp_path / "ref", tiny_task, *extra))).read_text())
 
     cfg = compose_config(tiny_overrides(tmp_path / "int", tiny_task, *extra))
-    original_epoch = Trainer._fit_epoch
-    calls = {"n": 0}
-
-    def dies_in_second_epoch(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return original_epoch(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "_fit_epoch", dies_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg)
-    monkeypatch.setattr(Trainer, "_fit_epoch", original_epoch)
+    run_killed_in_second_epoch(cfg)
     resumed = json.loads(run(cfg).read_text())
     assert resumed["cost"]["resumed_from_epoch"] == 1
     assert without_timings(resumed["metrics"]["per_epoch"]) == without_timings(reference["metrics"]["per_epoch"])

@@ -269,35 +269,22 @@ def test_san_params_counts_both_methods():
 
 
 @pytest.mark.slow
-def test_a_resumed_snella_run_allocates_as_the_uninterrupted_one(tmp_path, tiny_task, compose, monkeypatch):
+def test_a_resumed_snella_run_allocates_as_the_uninterrupted_one(tmp_path, tiny_task, compose):
     """The importance averages and the allocation reached are in the checkpoint: a run killed in
     its second epoch resumes to the same losses, budget and allocation count. (Averages restarted
     from zeros would reallocate at the resumed run's first step by importance zero.)"""
-    from helpers import without_timings
+    from helpers import run_killed_in_second_epoch, without_timings
 
     from san.identity import resolved, run_dir_for
     from san.records import read_record
     from san.run import run
-    from san.trainer import Trainer
 
     extra = ("method=snella", "method.allocations=6", "trainer.epochs=3", "trainer.checkpoint_every_epochs=1")
     reference = read_record(run(compose(tiny_overrides(tmp_path / "ref", tiny_task, *extra))))
     cfg = compose(tiny_overrides(tmp_path / "int", tiny_task, *extra))
-    original_epoch = Trainer._fit_epoch
-    calls = {"n": 0}
-
-    def dies_in_second_epoch(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return original_epoch(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "_fit_epoch", dies_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg)
+    run_killed_in_second_epoch(cfg)
     saved = torch.load(run_dir_for(resolved(cfg)) / "checkpoint.pt", weights_only=True)
     assert saved["epoch"] == 1 and saved["method"]["allocations_applied"] > 0
-    monkeypatch.setattr(Trainer, "_fit_epoch", original_epoch)
     resumed = read_record(run(cfg))
     assert resumed["cost"]["resumed_from_epoch"] == 1
     assert resumed["method"]["facts"] == reference["method"]["facts"]

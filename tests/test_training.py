@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_overrides
-from helpers import without_timings
+from helpers import run_killed_in_second_epoch, without_timings
 
 from san.backbones import create_backbone, data_config
 from san.config import compose_config
@@ -88,29 +88,17 @@ def test_complete_run_is_skipped_on_rerun(tmp_path, tiny_task, capsys):
 
 
 @pytest.mark.slow
-def test_resume_after_interruption_continues_from_checkpoint(tmp_path, tiny_task, monkeypatch):
+def test_resume_after_interruption_continues_from_checkpoint(tmp_path, tiny_task):
     extra = ("method=full", "trainer.epochs=3", "trainer.checkpoint_every_epochs=1")
     reference = json.loads(run(compose_config(tiny_overrides(tmp_path / "ref", tiny_task, *extra))).read_text())
 
     cfg = compose_config(tiny_overrides(tmp_path / "int", tiny_task, *extra))
-    original_epoch = Trainer._fit_epoch
-    calls = {"n": 0}
-
-    def dies_in_second_epoch(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return original_epoch(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "_fit_epoch", dies_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg)
+    run_killed_in_second_epoch(cfg)
     run_dir = run_dir_for(resolved(cfg))
     interrupted = json.loads((run_dir / "record.json").read_text())
     assert interrupted["status"] == "failed" and "simulated kill" in interrupted["error"]["message"]
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
-    monkeypatch.setattr(Trainer, "_fit_epoch", original_epoch)
     resumed = json.loads(run(cfg).read_text())
     assert resumed["status"] == "complete"
     assert resumed["cost"]["resumed_from_epoch"] == 1
