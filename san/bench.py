@@ -36,7 +36,8 @@ from san.backbones import backbone_data_config, create_backbone
 from san.cli.console import console_script
 from san.config import compose_config
 from san.data.cache import TensorLoader, decode_split
-from san.data.loaders import build_loader, resolve_num_workers
+from san.data.imagefolder import list_split
+from san.data.loaders import build_loader
 from san.data.preprocessing import Preprocessing
 from san.data.splits import Example, read_split
 from san.data.transforms import ImageListDataset, build_transform
@@ -237,15 +238,11 @@ TINY_IMAGEFOLDER = {"classes": 8, "per_class": 48, "size": (400, 350)}
 
 def write_tiny_imagefolder(folder: Path) -> Path:
     """`folder/<wnid>/<wnid>_<i>.JPEG` of ImageNet-sized noise images (the layout timm reads)."""
-    import numpy as np
+    from san.testing.imagenet_releases import wnids, write_class_folders
 
-    from san.testing.imagenet_releases import wnids, write_image
-
-    rng = np.random.default_rng(0)
-    for index, wnid in enumerate(wnids(TINY_IMAGEFOLDER["classes"])):
-        for i in range(TINY_IMAGEFOLDER["per_class"]):
-            write_image(folder / wnid / f"{wnid}_{i}.JPEG", index, rng, size=TINY_IMAGEFOLDER["size"])
-    return folder
+    return write_class_folders(
+        folder, wnids(TINY_IMAGEFOLDER["classes"]), TINY_IMAGEFOLDER["per_class"], size=TINY_IMAGEFOLDER["size"]
+    )
 
 
 def imagefolder_images_per_s(
@@ -263,7 +260,7 @@ def imagefolder_images_per_s(
         "split_dirs": {"train": "."},
         "splits": {"train": "train"},
         "classes_file": None,  # the sorted class folders, as torchvision's ImageFolder
-        "num_classes": sum(1 for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith(".")),
+        "num_classes": len(list_split(folder).classes),
         "transform": "random_resized_crop_flip",
     }
     preprocessing = Preprocessing(input_size=size, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic")
@@ -291,7 +288,7 @@ def imagefolder_images_per_s(
         "images": len(loader.dataset),
         "input_size": size,
         "batch_size": batch_size,
-        "workers": resolve_num_workers(workers),
+        "workers": loader.num_workers,
         "pin_memory": pin_memory,
         "persistent_workers": loader.persistent_workers,
         "images_per_s": timed[0],
@@ -403,16 +400,16 @@ def run_bench(
                 concurrent_runs,
             ),
         }
+    # The data paths read images at the size the rows trained at (224 without rows).
+    measured = [row["input_size"] for row in results["rows"] if "input_size" in row]
+    size = input_size or (measured[0] if measured else 224)
     if task_dir is not None:
-        measured = [row["input_size"] for row in results["rows"] if "input_size" in row]
-        size = input_size or (measured[0] if measured else 224)
         results["data_path"] = data_path_images_per_s(task_dir, size, batch_size, workers)
         results["data_path"]["input_size"] = size
     if imagefolder is not None:
-        measured = [row["input_size"] for row in results["rows"] if "input_size" in row]
         results["imagefolder_data_path"] = imagefolder_images_per_s(
             imagefolder,
-            input_size or (measured[0] if measured else 224),
+            size,
             batch_size,
             imagefolder_workers,
             device,

@@ -397,8 +397,11 @@ class Trainer:
         # counts may differ by one), so it must not enter DDP's collectives.
         self.eval_forward = self.forward
         self.rank_batch_size = self.group.per_rank_batch(trainer["batch_size"])
+        # configs/augment: with everything off (augment=none, or None as san-bench passes) the
+        # training step is the plain one, bit for bit.
+        self.augment_settings = AugmentSettings.from_config(augment)
         if self.group.active:
-            self._check_data_parallel(augment)
+            self._check_data_parallel()
             # Gradients are averaged over ranks after each backward: with equal per-rank batches that
             # is the gradient of the total batch's mean loss. Buffers (BatchNorm's running statistics)
             # stay per rank while training and are rank 0's whenever they are read (broadcast_buffers
@@ -409,9 +412,6 @@ class Trainer:
         self.checkpoints_written = 0
         self._trainable = [p for _, p in adapted.named_trainable_parameters()]
         self.cached_on_device: dict[str, bool] = {}
-        # configs/augment: with everything off (augment=none, or None as san-bench passes) the
-        # training step is the plain one, bit for bit.
-        self.augment_settings = AugmentSettings.from_config(augment)
         self.batch_augment = None
         if self.augment_settings.active:
             self._check_mixing_batches(self.rank_batch_size)
@@ -428,8 +428,8 @@ class Trainer:
             {"decay": self.ema.decay, "tensors": len(self.ema.names), "evaluated_with": "ema"} if self.ema else None
         )
 
-    def _check_data_parallel(self, augment: Mapping[str, Any] | None) -> None:
-        if not AugmentSettings.from_config(augment).drop_last:
+    def _check_data_parallel(self) -> None:
+        if not self.augment_settings.drop_last:
             raise ConfigError(
                 f"data-parallel training ({self.group.world_size} processes) drops each epoch's last partial batch, "
                 "so that every process takes the same steps and the run does not depend on the process count "

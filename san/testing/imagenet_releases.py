@@ -44,15 +44,20 @@ def wnids(count: int) -> list[str]:
 
 
 def write_class_folders(
-    folder: Path, classes: Sequence[str], per_class: int | Sequence[int], seed: int = 0, suffix: str = ".JPEG"
+    folder: Path,
+    classes: Sequence[str],
+    per_class: int | Sequence[int],
+    seed: int = 0,
+    suffix: str = ".JPEG",
+    size: tuple[int, int] = SIZE,
 ) -> Path:
-    """`folder/<class>/<class>_<i>.JPEG`, as ImageNet's train folder names its images."""
+    """`folder/<class>/<class>_<i>.JPEG` of `size` (width, height) images, as ImageNet's train folder names them."""
     rng = np.random.default_rng(seed)
     counts = [per_class] * len(classes) if isinstance(per_class, int) else list(per_class)
     for index, (name, count) in enumerate(zip(classes, counts)):
         (folder / name).mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            write_image(folder / name / f"{name}_{i}{suffix}", index, rng)
+            write_image(folder / name / f"{name}_{i}{suffix}", index, rng, size=size)
     return folder
 
 
